@@ -1,0 +1,16 @@
+-- Predictions are partitioned by dataset; each row is one model, fold and partition.
+CREATE OR REPLACE VIEW predictions AS
+SELECT p.* FROM lake_table('predictions') AS p
+LEFT JOIN (SELECT entity_id, deleted_at FROM deleted_entities WHERE kind = 'prediction') AS d
+       ON d.entity_id = p.prediction_id
+WHERE p.run_id NOT IN (SELECT run_id FROM deleted_runs)
+  AND (d.deleted_at IS NULL OR d.deleted_at < p.created_at);
+
+-- Arrays are saved once per prediction; a later save of the same id replaces it.
+CREATE OR REPLACE VIEW prediction_arrays AS
+SELECT a.* EXCLUDE (_version) FROM lake_table('prediction_arrays') AS a
+LEFT JOIN (SELECT entity_id, deleted_at FROM deleted_entities WHERE kind = 'prediction') AS d
+       ON d.entity_id = a.prediction_id
+WHERE a.run_id NOT IN (SELECT run_id FROM deleted_runs)
+  AND (d.deleted_at IS NULL OR epoch_us(d.deleted_at) < a._version)
+QUALIFY row_number() OVER (PARTITION BY a.prediction_id ORDER BY a._version DESC) = 1;

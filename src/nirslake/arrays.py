@@ -1,0 +1,95 @@
+"""Dense per-sample arrays: checking what callers pass, and packing numpy into Arrow list columns.
+
+Packing builds one offsets buffer and one values buffer per column, never a Python list per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+ARRAY_FIELDS = ("y_true", "y_pred", "y_proba", "sample_indices", "weights")
+
+
+def as_vector(name: str, value: Any, dtype=np.float64) -> np.ndarray | None:
+    if value is None:
+        return None
+    try:
+        arr = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a numeric array-like, got {type(value).__name__}: {exc}") from None
+    if arr.ndim == 2 and 1 in arr.shape:
+        arr = arr.reshape(-1)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def check_arrays(y_true, y_pred, y_proba=None, sample_indices=None, weights=None) -> dict[str, np.ndarray | None]:
+    """Validate and normalise one prediction's arrays; every given array must have one length."""
+    arrays: dict[str, np.ndarray | None] = {
+        "y_true": as_vector("y_true", y_true),
+        "y_pred": as_vector("y_pred", y_pred),
+        "sample_indices": as_vector("sample_indices", sample_indices, np.int64),
+        "weights": as_vector("weights", weights),
+    }
+    if y_proba is not None:
+        proba = np.asarray(y_proba, dtype=np.float64)
+        if proba.ndim == 1:
+            proba = proba.reshape(-1, 1)
+        if proba.ndim != 2:
+            raise ValueError(f"y_proba must be 2-D (samples x classes), got shape {proba.shape}")
+        arrays["y_proba"] = np.ascontiguousarray(proba)
+    else:
+        arrays["y_proba"] = None
+    lengths = {k: len(v) for k, v in arrays.items() if v is not None}
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{k}={n}" for k, n in lengths.items())
+        raise ValueError(f"prediction arrays have mismatched lengths: {detail}")
+    return arrays
+
+
+def list_column(values: Sequence[np.ndarray | None], value_type: pa.DataType) -> pa.Array:
+    """A ``list<value_type>`` column from 1-D arrays (None -> null)."""
+    lengths = np.fromiter((0 if v is None else len(v) for v in values), dtype=np.int64, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    present = [v for v in values if v is not None]
+    flat = np.concatenate(present) if present else np.empty(0)
+    mask = pa.array([v is None for v in values], type=pa.bool_())
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(flat, type=value_type), type=pa.list_(value_type), mask=mask
+    )
+
+
+def matrix_column(values: Sequence[np.ndarray | None]) -> pa.Array:
+    """A ``list<list<double>>`` column from 2-D arrays: one inner list per sample."""
+    rows_per = np.fromiter((0 if v is None else v.shape[0] for v in values), dtype=np.int64, count=len(values))
+    outer = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(rows_per, out=outer[1:])
+    present = [v for v in values if v is not None]
+    if present:
+        inner_lengths = np.concatenate([np.full(v.shape[0], v.shape[1], dtype=np.int64) for v in present])
+        flat = np.concatenate([v.reshape(-1) for v in present])
+    else:
+        inner_lengths, flat = np.empty(0, dtype=np.int64), np.empty(0)
+    inner_offsets = np.zeros(len(inner_lengths) + 1, dtype=np.int32)
+    np.cumsum(inner_lengths, out=inner_offsets[1:])
+    inner = pa.ListArray.from_arrays(pa.array(inner_offsets), pa.array(flat, type=pa.float64()))
+    mask = pa.array([v is None for v in values], type=pa.bool_())
+    return pa.ListArray.from_arrays(pa.array(outer), inner, type=pa.list_(pa.list_(pa.float64())), mask=mask)
+
+
+def to_numpy(field: str, value: Any) -> np.ndarray | None:
+    """One stored array back as numpy: float64, ``sample_indices`` int64, ``y_proba`` 2-D."""
+    if value is None:
+        return None
+    if field == "y_proba":
+        return np.array([np.asarray(row, dtype=np.float64) for row in value], dtype=np.float64).reshape(len(value), -1)
+    return np.asarray(value, dtype=np.int64 if field == "sample_indices" else np.float64)
+
+
+def nbytes(arrays: dict[str, np.ndarray | None]) -> int:
+    return sum(a.nbytes for a in arrays.values() if a is not None)

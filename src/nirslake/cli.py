@@ -1,0 +1,145 @@
+"""The ``nirslake`` command: a thin shell over the Python API, one command per store method.
+
+Each command opens a ``WorkspaceStore``, calls one method and prints its result as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+import polars as pl
+
+DEFAULT_WORKSPACE = os.environ.get("NIRSLAKE_WORKSPACE", "lake")
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def _open(workspace: str, must_exist: bool = True):
+    from .store import WorkspaceStore
+    from .storage import Storage
+
+    if must_exist and not Storage(workspace).exists("tables"):
+        raise CliError(
+            f"no nirslake workspace at {workspace!r}: create one with `nirslake demo --workspace {workspace}` "
+            "or point --workspace (or NIRSLAKE_WORKSPACE) at an existing one"
+        )
+    return WorkspaceStore(workspace)
+
+
+def _print_frame(frame: pl.DataFrame, title: str | None = None) -> None:
+    if title:
+        print(title)
+    if frame.height == 0:
+        print("(no rows)")
+        return
+    with pl.Config(tbl_rows=200, tbl_cols=20, fmt_str_lengths=40, tbl_width_chars=200, tbl_hide_dataframe_shape=True):
+        print(frame)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    result = run_demo(args.workspace, quick=args.quick, progress=print)
+    with _open(args.workspace) as store:
+        _print_frame(store.leaderboard(3), "\nLeaderboard: best 3 chains per dataset by mean validation score over folds")
+        n = store.sql("SELECT count(*) AS n FROM predictions").item()
+    catalog = os.path.join(os.path.abspath(args.workspace), "catalog.duckdb")
+    print(
+        f"\n{result['n_pipelines']} pipelines, {result['n_predictions']} predictions written in "
+        f"{result['elapsed_s']:.1f} s; the workspace now holds {n} predictions."
+    )
+    print("Explore it in the DuckDB shell (from any folder):")
+    print(f"  duckdb -readonly {catalog} -c \"SELECT * FROM leaderboard WHERE rank <= 3\"")
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    with _open(args.workspace) as store:
+        frame = store.list_runs(status=args.status, dataset=args.dataset, limit=args.limit)
+    _print_frame(frame.select("run_id", "name", "status", "created_at", "completed_at"))
+
+
+def cmd_top(args: argparse.Namespace) -> None:
+    with _open(args.workspace) as store:
+        ascending = not args.descending
+        try:
+            frame = store.top_predictions(
+                args.n, metric=args.metric, ascending=ascending, partition=args.partition,
+                dataset_name=args.dataset, group_by=args.by,
+            )
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    columns = [c for c in ("rank", "dataset_name", "model_name", "preprocessings", "fold_id", "partition", args.metric, "prediction_id") if c in frame.columns]
+    _print_frame(frame.select(dict.fromkeys(columns)))
+
+
+def cmd_sql(args: argparse.Namespace) -> None:
+    import duckdb
+
+    with _open(args.workspace) as store:
+        try:
+            frame = store.sql(args.query)
+        except duckdb.Error as exc:
+            raise CliError(f"the query failed: {exc}".strip()) from None
+    _print_frame(frame)
+
+
+def cmd_catalog(args: argparse.Namespace) -> None:
+    with _open(args.workspace) as store:
+        path = store.rebuild_catalog()
+    print(f"catalog rebuilt: {path}")
+    print(f"open it with: duckdb -readonly {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nirslake",
+        description="nirslake: ML experiment results as an open lake (Parquet + DuckDB + polars).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--workspace", "-w", default=DEFAULT_WORKSPACE, help="workspace folder or URL (default: ./lake or $NIRSLAKE_WORKSPACE)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("demo", cmd_demo, "run a realistic NIRS model sweep on synthetic spectra into the workspace")
+    p.add_argument("--quick", action="store_true", help="a small sweep that finishes in seconds")
+
+    p = add("runs", cmd_runs, "list runs, newest first")
+    p.add_argument("--status", choices=["running", "completed", "failed"])
+    p.add_argument("--dataset", help="only runs over this dataset")
+    p.add_argument("--limit", type=int, default=100)
+
+    p = add("top", cmd_top, "the best predictions by a score column")
+    p.add_argument("-n", type=int, default=10, help="how many rows (per group with --by)")
+    p.add_argument("--metric", default="val_score", help="score column to rank by (default val_score)")
+    p.add_argument("--descending", action="store_true", help="higher is better (r2, accuracy); default lower is better")
+    p.add_argument("--partition", default="val", help="train, val or test (default val)")
+    p.add_argument("--dataset", help="only this dataset")
+    p.add_argument("--by", default="dataset_name", help="rank within each value of this column (default dataset_name)")
+
+    p = add("sql", cmd_sql, "run a SQL query against the lake's DuckDB views")
+    p.add_argument("query", help='e.g. "SELECT * FROM leaderboard WHERE rank <= 3"')
+
+    add("catalog", cmd_catalog, "rebuild <workspace>/catalog.duckdb (views over the lake)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CliError as exc:
+        print(f"nirslake: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""polars helpers over the lake: lazy scans that apply the read rules, ranking and fold aggregation.
+
+Every helper returns a ``polars.LazyFrame`` or ``DataFrame``; they read the same rows the DuckDB views show.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import polars as pl
+
+from . import schema as S
+from .storage import Storage
+from .tables import FileCache, commit_state, visible_files
+
+# Metrics where a smaller value is better; everything else (r2, accuracy, f1, ...) ranks descending.
+LOWER_IS_BETTER = frozenset({"rmse", "mse", "mae", "mape", "rmsecv", "sep", "bias", "log_loss", "logloss", "loss"})
+
+# Which deletion kinds hide rows of which table, and the key they match.
+_ENTITY_DELETIONS = {
+    "predictions": ("prediction", "prediction_id"),
+    "prediction_arrays": ("prediction", "prediction_id"),
+    "artifacts": ("artifact", "artifact_id"),
+}
+
+
+def polars_schema(tdef: S.TableDef) -> pl.Schema:
+    return pl.from_arrow(tdef.schema.empty_table()).schema
+
+
+def lower_is_better(metric: str) -> bool:
+    """True when a smaller score is better for ``metric`` (rmse, mae, mse ...)."""
+    return metric.lower().removeprefix("neg_") in LOWER_IS_BETTER
+
+
+def _row_stamp(tdef: S.TableDef) -> pl.Expr:
+    if "created_at" in tdef.schema.names:
+        return pl.col("created_at").dt.epoch("us")
+    return pl.col("_version")
+
+
+def resolve(frame: pl.LazyFrame, tdef: S.TableDef, deletions: pl.LazyFrame) -> pl.LazyFrame:
+    """Apply the read rules of the lake spec: latest version wins, deleted entities vanish."""
+    if tdef.versioned:
+        frame = frame.sort("_version").unique(subset=[tdef.key], keep="last", maintain_order=True)
+    if "run_id" in tdef.schema.names:
+        dead_runs = deletions.filter(pl.col("kind") == "run").select(pl.col("entity_id").alias("run_id"))
+        frame = frame.join(dead_runs, on="run_id", how="anti")
+    if tdef.name in _ENTITY_DELETIONS:
+        kind, key = _ENTITY_DELETIONS[tdef.name]
+        dead = (
+            deletions.filter(pl.col("kind") == kind)
+            .group_by("entity_id")
+            .agg(pl.col("deleted_at").max().dt.epoch("us").alias("_deleted_us"))
+            .rename({"entity_id": key})
+        )
+        frame = (
+            frame.join(dead, on=key, how="left")
+            .filter(pl.col("_deleted_us").is_null() | (pl.col("_deleted_us") < _row_stamp(tdef)))
+            .drop("_deleted_us")
+        )
+    return frame
+
+
+def scan(
+    workspace: str | os.PathLike | Storage,
+    table: str,
+    dataset_name: str | None = None,
+    storage_options: dict | None = None,
+) -> pl.LazyFrame:
+    """A lazy scan of one lake table with the read rules applied.
+
+    ``dataset_name`` prunes partitioned tables (predictions, prediction_arrays) to one folder.
+    Columns missing from older files read as nulls (schema evolution by appended columns).
+    """
+    if table not in S.TABLES:
+        raise ValueError(f"unknown table {table!r}: choose one of {', '.join(S.TABLES)}")
+    storage = workspace if isinstance(workspace, Storage) else Storage(workspace, storage_options)
+    tdef = S.TABLES[table]
+    cache = FileCache()
+    state = commit_state(storage, cache)
+    part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
+    frame = _scan_files(storage, tdef, visible_files(storage, tdef, cache, part, state))
+    if part is not ...:
+        frame = frame.filter(pl.col("dataset_name") == dataset_name)
+    deletions = _scan_files(storage, S.DELETIONS, visible_files(storage, S.DELETIONS, cache, state=state))
+    return resolve(frame, tdef, deletions)
+
+
+def _scan_files(storage: Storage, tdef: S.TableDef, rels: Sequence[str]) -> pl.LazyFrame:
+    if not rels:
+        return pl.LazyFrame(schema=polars_schema(tdef))
+    return pl.scan_parquet(
+        [storage.url(r) for r in rels],
+        schema=polars_schema(tdef),
+        missing_columns="insert",
+        extra_columns="ignore",
+        hive_partitioning=False,
+        storage_options=storage.storage_options or None,
+    )
+
+
+def top_k(
+    predictions: pl.LazyFrame | pl.DataFrame,
+    n: int,
+    score: str = "val_score",
+    by: str | Sequence[str] | None = None,
+    ascending: bool | None = None,
+    metric: str | None = None,
+) -> pl.DataFrame:
+    """The best ``n`` rows (of each ``by`` group) by ``score``; nulls rank last.
+
+    The direction follows ``ascending`` when given, else the metric: lower is better for
+    rmse/mae/mse, higher for r2/accuracy/f1. ``metric`` names it when ``score`` is a column
+    like ``val_score``; otherwise each row's own ``metric`` column must agree.
+    """
+    if ascending is None:
+        ascending = lower_is_better(metric or score)
+    frame = predictions.lazy().sort(score, descending=not ascending, nulls_last=True, maintain_order=True)
+    position = pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
+    if by:
+        keys = [by] if isinstance(by, str) else list(by)
+        ranked = frame.with_columns(position.over(keys).alias("rank"))
+        return ranked.filter(pl.col("rank") <= n).sort([*keys, "rank"], nulls_last=True).collect()
+    return frame.head(n).with_columns(position.alias("rank")).collect()
+
+
+def fold_summary(predictions: pl.LazyFrame | pl.DataFrame, score: str = "val_score") -> pl.DataFrame:
+    """Mean, std and count of ``score`` over folds, per chain and partition."""
+    return (
+        predictions.lazy()
+        .group_by(["chain_id", "dataset_name", "model_name", "partition"])
+        .agg(
+            pl.col(score).mean().alias(f"{score}_mean"),
+            pl.col(score).std().alias(f"{score}_std"),
+            pl.col(score).count().alias("n_folds"),
+        )
+        .sort(["dataset_name", "chain_id", "partition"])
+        .collect()
+    )
+
+
+def with_arrays(predictions: pl.LazyFrame | pl.DataFrame, arrays: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+    """Predictions joined to their arrays (y_true, y_pred, y_proba, sample_indices, weights)."""
+    arr = arrays.lazy().select("prediction_id", "y_true", "y_pred", "y_proba", "sample_indices", "weights")
+    return predictions.lazy().join(arr, on="prediction_id", how="left")

@@ -1,0 +1,226 @@
+"""The lake's tables: their Arrow schemas, keys and partitioning (docs/lake-spec.md, section Tables).
+
+Change a schema only by adding nullable columns at the end: old files still read, with nulls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+F64_LIST = pa.list_(pa.float64())
+
+# Bumped whenever a schema or a view changes; the catalog is rebuilt when it differs.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TableDef:
+    name: str
+    key: str
+    schema: pa.Schema
+    # Rows are versioned snapshots: the one with the highest ``_version`` per key wins.
+    versioned: bool = False
+    # Column whose value names the hive partition folder (``dataset=<encoded>``).
+    partition_by: str | None = None
+
+    @property
+    def dir(self) -> str:
+        return f"tables/{self.name}"
+
+
+RUNS = TableDef(
+    "runs",
+    "run_id",
+    pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("name", pa.string()),
+            ("config", pa.string()),  # JSON
+            ("datasets", pa.string()),  # JSON
+            ("status", pa.string()),
+            ("created_at", TS),
+            ("completed_at", TS),
+            ("summary", pa.string()),  # JSON
+            ("error", pa.string()),
+            ("_version", pa.int64()),
+        ]
+    ),
+    versioned=True,
+)
+
+PIPELINES = TableDef(
+    "pipelines",
+    "pipeline_id",
+    pa.schema(
+        [
+            ("pipeline_id", pa.string()),
+            ("run_id", pa.string()),
+            ("name", pa.string()),
+            ("expanded_config", pa.string()),  # JSON
+            ("generator_choices", pa.string()),  # JSON
+            ("dataset_name", pa.string()),
+            ("dataset_hash", pa.string()),
+            ("status", pa.string()),
+            ("created_at", TS),
+            ("completed_at", TS),
+            ("best_val", pa.float64()),
+            ("best_test", pa.float64()),
+            ("metric", pa.string()),
+            ("duration_ms", pa.int64()),
+            ("error", pa.string()),
+            ("_version", pa.int64()),
+        ]
+    ),
+    versioned=True,
+)
+
+CHAINS = TableDef(
+    "chains",
+    "chain_id",
+    pa.schema(
+        [
+            ("chain_id", pa.string()),
+            ("pipeline_id", pa.string()),
+            ("run_id", pa.string()),
+            ("steps", pa.string()),  # JSON
+            ("model_step_idx", pa.int64()),
+            ("model_class", pa.string()),
+            ("preprocessings", pa.string()),
+            ("fold_strategy", pa.string()),
+            ("fold_artifacts", pa.string()),  # JSON
+            ("shared_artifacts", pa.string()),  # JSON
+            ("branch_path", pa.string()),  # JSON
+            ("source_index", pa.int64()),
+            ("artifact_ids", pa.list_(pa.string())),  # every artifact the chain holds
+            ("created_at", TS),
+        ]
+    ),
+)
+
+PREDICTIONS = TableDef(
+    "predictions",
+    "prediction_id",
+    pa.schema(
+        [
+            ("prediction_id", pa.string()),
+            ("pipeline_id", pa.string()),
+            ("chain_id", pa.string()),
+            ("run_id", pa.string()),
+            ("dataset_name", pa.string()),
+            ("model_name", pa.string()),
+            ("model_class", pa.string()),
+            ("fold_id", pa.string()),
+            ("partition", pa.string()),
+            ("val_score", pa.float64()),
+            ("test_score", pa.float64()),
+            ("train_score", pa.float64()),
+            ("metric", pa.string()),
+            ("task_type", pa.string()),
+            ("n_samples", pa.int64()),
+            ("n_features", pa.int64()),
+            ("scores", pa.string()),  # JSON
+            ("best_params", pa.string()),  # JSON
+            ("branch_id", pa.int64()),
+            ("branch_name", pa.string()),
+            ("exclusion_count", pa.int64()),
+            ("exclusion_rate", pa.float64()),
+            ("preprocessings", pa.string()),
+            ("created_at", TS),
+        ]
+    ),
+    partition_by="dataset_name",
+)
+
+PREDICTION_ARRAYS = TableDef(
+    "prediction_arrays",
+    "prediction_id",
+    pa.schema(
+        [
+            ("prediction_id", pa.string()),
+            ("run_id", pa.string()),
+            ("dataset_name", pa.string()),
+            ("y_true", F64_LIST),
+            ("y_pred", F64_LIST),
+            ("y_proba", pa.list_(F64_LIST)),  # one inner list per sample: keeps the 2-D shape
+            ("sample_indices", pa.list_(pa.int64())),
+            ("weights", F64_LIST),
+            ("_version", pa.int64()),
+        ]
+    ),
+    versioned=True,
+    partition_by="dataset_name",
+)
+
+ARTIFACTS = TableDef(
+    "artifacts",
+    "artifact_id",
+    pa.schema(
+        [
+            ("artifact_id", pa.string()),
+            ("content_hash", pa.string()),
+            ("path", pa.string()),  # workspace-relative, or absolute for registered files
+            ("operator_class", pa.string()),
+            ("artifact_type", pa.string()),
+            ("format", pa.string()),
+            ("size_bytes", pa.int64()),
+            ("created_at", TS),
+        ]
+    ),
+)
+
+LOGS = TableDef(
+    "logs",
+    "log_id",
+    pa.schema(
+        [
+            ("log_id", pa.string()),
+            ("pipeline_id", pa.string()),
+            ("run_id", pa.string()),
+            ("step_idx", pa.int64()),
+            ("operator_class", pa.string()),
+            ("event", pa.string()),
+            ("duration_ms", pa.float64()),
+            ("message", pa.string()),
+            ("details", pa.string()),  # JSON
+            ("level", pa.string()),
+            ("created_at", TS),
+            ("_version", pa.int64()),  # orders events logged within one clock tick
+        ]
+    ),
+)
+
+# Append-only deletion records: a row hides the entity (and, for runs, everything under it).
+DELETIONS = TableDef(
+    "deletions",
+    "entity_id",
+    pa.schema(
+        [
+            ("kind", pa.string()),  # run | pipeline | prediction | artifact
+            ("entity_id", pa.string()),
+            ("deleted_at", TS),
+        ]
+    ),
+)
+
+# Compaction commits: a row makes ``added`` files visible and hides ``removed`` ones, at once.
+COMMITS = TableDef(
+    "commits",
+    "commit_id",
+    pa.schema(
+        [
+            ("commit_id", pa.string()),
+            ("table_name", pa.string()),
+            ("added", pa.list_(pa.string())),
+            ("removed", pa.list_(pa.string())),
+            ("created_at", TS),
+        ]
+    ),
+)
+
+TABLES: dict[str, TableDef] = {
+    t.name: t
+    for t in (RUNS, PIPELINES, CHAINS, PREDICTIONS, PREDICTION_ARRAYS, ARTIFACTS, LOGS, DELETIONS, COMMITS)
+}

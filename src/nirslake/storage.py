@@ -1,0 +1,152 @@
+"""Paths and bytes of a workspace: every read, write, listing and delete goes through here.
+
+A workspace is a local folder or any fsspec URL; nothing above this module knows which.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+STAGING_DIR = "_staging"
+
+
+class Storage:
+    """An fsspec filesystem rooted at a workspace, with publish-once writes.
+
+    ``publish`` is the only way data files enter the lake: the bytes are written under
+    ``_staging/`` (outside every globbed tree), made durable, then moved into place, so a
+    reader sees either no file or the whole file. On object stores a PUT is already atomic,
+    so the object is written straight to its final key.
+    """
+
+    def __init__(self, workspace: str | os.PathLike, storage_options: dict | None = None):
+        url = os.fspath(workspace)
+        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.storage_options = dict(storage_options or {})
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local:
+            root = os.path.abspath(root)
+        self.root = root.rstrip("/") or "/"
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.protocol = "file" if self.is_local else protocol
+
+    # -- paths ---------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """The filesystem path of a workspace-relative location."""
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def url(self, *parts: str) -> str:
+        """A URL that engines outside fsspec (DuckDB, polars) understand."""
+        full = self.path(*parts)
+        return full if self.is_local else f"{self.protocol}://{full}"
+
+    def relative(self, full_path: str) -> str:
+        full_path = full_path.split("://", 1)[-1]
+        return posixpath.relpath(full_path, self.root)
+
+    def local_path(self, *parts: str) -> Path:
+        """A ``pathlib.Path`` (only meaningful for local workspaces)."""
+        return Path(self.path(*parts))
+
+    # -- reading -------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def open(self, rel: str, mode: str = "rb") -> Any:
+        return self.fs.open(self.path(rel), mode)
+
+    def list_files(self, rel_dir: str, suffix: str = ".parquet") -> list[str]:
+        """Workspace-relative paths of every file below ``rel_dir`` ending in ``suffix``.
+
+        Missing folders list as empty: a table nobody wrote to yet has no files.
+        """
+        base = self.path(rel_dir)
+        if self.is_local:
+            found: list[str] = []
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    if name.endswith(suffix):
+                        found.append(os.path.join(dirpath, name))
+            return [self.relative(f) for f in found]
+        try:
+            files = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        return sorted(self.relative(f) for f in files if f.endswith(suffix))
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    # -- writing -------------------------------------------------------------
+    def publish(self, rel: str, data: bytes, overwrite: bool = False) -> None:
+        """Make ``data`` appear at ``rel`` whole or not at all, and durable once this returns."""
+        target = self.path(rel)
+        if not self.is_local:
+            mode = "wb" if overwrite else "create"
+            try:
+                with self.fs.open(target, mode) as fh:
+                    fh.write(data)
+            except (ValueError, NotImplementedError):
+                # Backends without conditional create: names are unique, so a plain put is safe.
+                self.fs.pipe_file(target, data)
+            return
+        staging_dir = self.path(STAGING_DIR)
+        os.makedirs(staging_dir, exist_ok=True)
+        tmp = os.path.join(staging_dir, f"{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        target_dir = os.path.dirname(target)
+        os.makedirs(target_dir, exist_ok=True)
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                # link() fails when the target exists: a content-addressed object written
+                # by two processes at once stays the first one's, byte for byte.
+                os.link(tmp, target)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+        _fsync_dir(target_dir)
+
+    def delete(self, rel: str) -> bool:
+        try:
+            self.fs.rm_file(self.path(rel))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def delete_many(self, rels: Iterable[str]) -> int:
+        return sum(self.delete(r) for r in rels)
+
+    def makedirs(self, rel: str) -> None:
+        if self.is_local:
+            os.makedirs(self.path(rel), exist_ok=True)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable: the directory entry must reach the disk too."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,1035 @@
+"""``WorkspaceStore``: the nirs4all store API over the lake (docs/lake-spec.md).
+
+Writes buffer in memory and land as new immutable Parquet files at each durability point;
+reads flush first, then apply the lake's read rules, so a process always sees its own writes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import threading
+import weakref
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from . import __version__
+from . import artifacts as art
+from . import catalog
+from . import schema as S
+from .arrays import ARRAY_FIELDS, check_arrays, list_column, matrix_column, nbytes, to_numpy
+from .query import resolve, top_k
+from .storage import Storage
+from .tables import CLOCK, FileCache, commit_state, new_id, read_files, to_parquet_bytes, visible_files, write_table
+
+# Order of writes in a flush: parents before children, so a crash midway never leaves a
+# prediction whose pipeline was not written.
+FLUSH_ORDER = ("runs", "pipelines", "artifacts", "chains", "predictions", "prediction_arrays", "logs", "deletions")
+
+DEFAULT_FLUSH_BYTES = 64 * 1024 * 1024
+DEFAULT_FLUSH_ROWS = 50_000
+
+_PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "branch_id", "pipeline_id", "run_id")
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (datetime, Path)):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _unjson(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+def _opt_float(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number or None, got {value!r}") from None
+
+
+def _opt_int(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
+        raise TypeError(f"{name} must be an integer or None, got {value!r}")
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        raise TypeError(f"{name} must be an integer or None, got {value!r}")
+    return int(value)
+
+
+def _text(name: str, value: Any, allow_none: bool = True) -> str | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _with_suffix(output_path: str | os.PathLike, suffix: str) -> Path:
+    path = Path(output_path)
+    return path if path.suffix else path.with_suffix(suffix)
+
+
+class WorkspaceStore:
+    """The workspace store of nirs4all, kept as an open lake.
+
+    ``workspace_path`` is a local folder or an fsspec URL (``s3://bucket/prefix``); it is
+    created when missing. Per-record writes are buffered; ``flush()``, ``complete_pipeline``,
+    ``fail_pipeline``, ``complete_run``, ``fail_run`` and ``close()`` are durability points:
+    once one returns, everything saved before it survives a crash of the process.
+    One instance may be shared by threads; any number of processes may write one workspace.
+    """
+
+    def __init__(
+        self,
+        workspace_path: str | os.PathLike,
+        storage_options: dict | None = None,
+        flush_bytes: int = DEFAULT_FLUSH_BYTES,
+        flush_rows: int = DEFAULT_FLUSH_ROWS,
+    ) -> None:
+        self._storage = Storage(workspace_path, storage_options)
+        self._workspace_path: Path | str = (
+            Path(self._storage.root) if self._storage.is_local else os.fspath(workspace_path)
+        )
+        self._flush_bytes = flush_bytes
+        self._flush_rows = flush_rows
+        self._lock = threading.RLock()
+        self._cache = FileCache()
+        self._buffers: dict[str, list[dict]] = {name: [] for name in FLUSH_ORDER}
+        self._arrays: list[dict] = []
+        self._buffered_bytes = 0
+        # What this process wrote, so hot-path writes never scan the lake to find a parent.
+        self._known_runs: dict[str, dict] = {}
+        self._known_pipelines: dict[str, dict] = {}
+        self._known_predictions: dict[str, tuple[str, str]] = {}  # id -> (run_id, dataset_name)
+        self._known_artifacts: set[str] = set()
+        self._closed = False
+        self._init_workspace()
+        self._atexit = _register_exit_flush(self)
+
+    # ------------------------------------------------------------------ lifetime
+    @property
+    def workspace_path(self) -> Path | str:
+        """The workspace: a ``Path`` for a local folder, the URL otherwise."""
+        return self._workspace_path
+
+    @property
+    def storage(self) -> Storage:
+        return self._storage
+
+    def _init_workspace(self) -> None:
+        # One empty file per table fixes its schema for engines that glob the lake, so every
+        # view works (and returns no rows) before anything was written.
+        for tdef in S.TABLES.values():
+            rel = f"{tdef.dir}/part-00000000000000-schema-v{S.FORMAT_VERSION}.parquet"
+            if not self._storage.exists(rel):
+                self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()))
+        catalog.ensure_catalog(self._storage)
+
+    def close(self) -> None:
+        """Flush what is buffered and release the store. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._flush_locked()
+            finally:
+                self._closed = True
+                atexit.unregister(self._atexit)
+
+    def __enter__(self) -> "WorkspaceStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"WorkspaceStore({str(self._workspace_path)!r})"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this WorkspaceStore is closed; open a new WorkspaceStore(workspace) to continue")
+
+    def flush(self) -> None:
+        """Write every buffered record as new Parquet files: a durability point."""
+        with self._lock:
+            self._check_open()
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._arrays:
+            self._buffers["prediction_arrays"] = self._pack_arrays()
+        for name in FLUSH_ORDER:
+            rows = self._buffers[name]
+            if not rows:
+                continue
+            tdef = S.TABLES[name]
+            table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=tdef.schema)
+            write_table(self._storage, tdef, table)
+            self._buffers[name] = []
+        self._arrays = []
+        self._buffered_bytes = 0
+
+    def _buffer(self, table: str, row: dict) -> None:
+        self._buffers[table].append(row)
+        if sum(len(b) for b in self._buffers.values()) + len(self._arrays) >= self._flush_rows:
+            self._flush_locked()
+
+    def _pack_arrays(self) -> pa.Table:
+        rows = self._arrays
+        columns = {
+            "prediction_id": pa.array([r["prediction_id"] for r in rows], pa.string()),
+            "run_id": pa.array([r["run_id"] for r in rows], pa.string()),
+            "dataset_name": pa.array([r["dataset_name"] for r in rows], pa.string()),
+            "y_true": list_column([r["y_true"] for r in rows], pa.float64()),
+            "y_pred": list_column([r["y_pred"] for r in rows], pa.float64()),
+            "y_proba": matrix_column([r["y_proba"] for r in rows]),
+            "sample_indices": list_column([r["sample_indices"] for r in rows], pa.int64()),
+            "weights": list_column([r["weights"] for r in rows], pa.float64()),
+            "_version": pa.array([r["_version"] for r in rows], pa.int64()),
+        }
+        return pa.Table.from_pydict(columns, schema=S.PREDICTION_ARRAYS.schema)
+
+    # ------------------------------------------------------------------ reading
+    def _frame(self, tdef: S.TableDef, dataset_name: str | None = None) -> pl.LazyFrame:
+        """The table's current rows (read rules applied), after flushing this process's writes."""
+        self._flush_locked()
+        state = commit_state(self._storage, self._cache)
+        part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
+        frame = pl.from_arrow(read_files(self._storage, tdef, self._cache, visible_files(self._storage, tdef, self._cache, part, state))).lazy()
+        if part is not ...:
+            frame = frame.filter(pl.col("dataset_name") == dataset_name)
+        deletions = pl.from_arrow(
+            read_files(self._storage, S.DELETIONS, self._cache, visible_files(self._storage, S.DELETIONS, self._cache, state=state))
+        ).lazy()
+        return resolve(frame, tdef, deletions)
+
+    def _row(self, tdef: S.TableDef, key: str) -> dict | None:
+        rows = self._frame(tdef).filter(pl.col(tdef.key) == key).collect()
+        return rows.row(0, named=True) if rows.height else None
+
+    def _public(self, frame: pl.DataFrame) -> pl.DataFrame:
+        return frame.drop([c for c in ("_version", "artifact_ids") if c in frame.columns])
+
+    def _require_run(self, run_id: str) -> dict:
+        row = self._known_runs.get(run_id) or self._row(S.RUNS, run_id)
+        if row is None:
+            raise KeyError(f"unknown run_id {run_id!r}")
+        return row
+
+    def _require_pipeline(self, pipeline_id: str) -> dict:
+        row = self._known_pipelines.get(pipeline_id) or self._row(S.PIPELINES, pipeline_id)
+        if row is None:
+            raise KeyError(f"unknown pipeline_id {pipeline_id!r}")
+        return row
+
+    # ------------------------------------------------------------------ runs
+    def begin_run(self, name: str, config: Any, datasets: list[dict]) -> str:
+        """Start a run over ``datasets``; returns its new id. Status ``running``."""
+        with self._lock:
+            self._check_open()
+            _text("name", name, allow_none=False)
+            if not isinstance(datasets, (list, tuple)):
+                raise TypeError(f"datasets must be a list of dicts, got {type(datasets).__name__}")
+            now = CLOCK.now_us()
+            row = {
+                "run_id": new_id(),
+                "name": name,
+                "config": _json(config),
+                "datasets": _json(list(datasets)),
+                "status": "running",
+                "created_at": now,
+                "completed_at": None,
+                "summary": None,
+                "error": None,
+                "_version": now,
+            }
+            self._known_runs[row["run_id"]] = row
+            self._buffer("runs", row)
+            return row["run_id"]
+
+    def _update_run(self, run_id: str, **changes: Any) -> None:
+        with self._lock:
+            self._check_open()
+            row = dict(self._require_run(run_id))
+            now = CLOCK.now_us()
+            row.update(changes, completed_at=now, _version=now)
+            self._known_runs[run_id] = row
+            self._buffer("runs", row)
+            self._flush_locked()
+
+    def complete_run(self, run_id: str, summary: dict) -> None:
+        """Mark the run ``completed`` with its summary: a durability point."""
+        self._update_run(run_id, status="completed", summary=_json(summary))
+
+    def fail_run(self, run_id: str, error: str) -> None:
+        """Mark the run ``failed`` and keep ``error``: a durability point."""
+        self._update_run(run_id, status="failed", error=str(error))
+
+    def get_run(self, run_id: str) -> dict | None:
+        """The run as a dict (JSON fields decoded), or None."""
+        with self._lock:
+            self._check_open()
+            row = self._row(S.RUNS, run_id)
+        if row is None:
+            return None
+        row.pop("_version", None)
+        for key in ("config", "datasets", "summary"):
+            row[key] = _unjson(row[key])
+        return row
+
+    def list_runs(self, status: str | None = None, dataset: str | None = None, limit: int = 100, offset: int = 0) -> pl.DataFrame:
+        """Runs, newest first, optionally by status and by a dataset name they mention."""
+        with self._lock:
+            self._check_open()
+            frame = self._frame(S.RUNS)
+        if status is not None:
+            frame = frame.filter(pl.col("status") == status)
+        if dataset is not None:
+            frame = frame.filter(pl.col("datasets").str.contains(json.dumps(dataset), literal=True))
+        frame = frame.sort(["created_at", "run_id"], descending=True).slice(offset, limit)
+        return self._public(frame.collect())
+
+    # ------------------------------------------------------------------ pipelines
+    def begin_pipeline(
+        self,
+        run_id: str,
+        name: str,
+        expanded_config: Any,
+        generator_choices: Any,
+        dataset_name: str,
+        dataset_hash: str,
+    ) -> str:
+        """Start a pipeline of ``run_id`` on one dataset; returns its new id."""
+        with self._lock:
+            self._check_open()
+            self._require_run(run_id)
+            _text("dataset_name", dataset_name, allow_none=False)
+            now = CLOCK.now_us()
+            row = {
+                "pipeline_id": new_id(),
+                "run_id": run_id,
+                "name": _text("name", name),
+                "expanded_config": _json(expanded_config),
+                "generator_choices": _json(generator_choices),
+                "dataset_name": dataset_name,
+                "dataset_hash": None if dataset_hash is None else str(dataset_hash),
+                "status": "running",
+                "created_at": now,
+                "completed_at": None,
+                "best_val": None,
+                "best_test": None,
+                "metric": None,
+                "duration_ms": None,
+                "error": None,
+                "_version": now,
+            }
+            self._known_pipelines[row["pipeline_id"]] = row
+            self._buffer("pipelines", row)
+            return row["pipeline_id"]
+
+    def _update_pipeline(self, pipeline_id: str, **changes: Any) -> None:
+        with self._lock:
+            self._check_open()
+            row = dict(self._require_pipeline(pipeline_id))
+            now = CLOCK.now_us()
+            row.update(changes, completed_at=now, _version=now)
+            self._known_pipelines[pipeline_id] = row
+            self._buffer("pipelines", row)
+            self._flush_locked()
+
+    def complete_pipeline(self, pipeline_id: str, best_val: float, best_test: float, metric: str, duration_ms: int) -> None:
+        """Mark the pipeline ``completed`` with its best scores: a durability point."""
+        self._update_pipeline(
+            pipeline_id,
+            status="completed",
+            best_val=_opt_float("best_val", best_val),
+            best_test=_opt_float("best_test", best_test),
+            metric=_text("metric", metric),
+            duration_ms=_opt_int("duration_ms", duration_ms),
+        )
+
+    def fail_pipeline(self, pipeline_id: str, error: str) -> None:
+        """Mark the pipeline ``failed``: its chains stop holding artifacts. A durability point."""
+        self._update_pipeline(pipeline_id, status="failed", error=str(error))
+
+    def get_pipeline(self, pipeline_id: str) -> dict | None:
+        """The pipeline as a dict (JSON fields decoded), or None."""
+        with self._lock:
+            self._check_open()
+            row = self._row(S.PIPELINES, pipeline_id)
+        if row is None:
+            return None
+        row.pop("_version", None)
+        for key in ("expanded_config", "generator_choices"):
+            row[key] = _unjson(row[key])
+        return row
+
+    def list_pipelines(self, run_id: str | None = None, dataset_name: str | None = None) -> pl.DataFrame:
+        """Pipelines, newest first, optionally of one run and/or one dataset."""
+        with self._lock:
+            self._check_open()
+            frame = self._frame(S.PIPELINES)
+        if run_id is not None:
+            frame = frame.filter(pl.col("run_id") == run_id)
+        if dataset_name is not None:
+            frame = frame.filter(pl.col("dataset_name") == dataset_name)
+        return self._public(frame.sort(["created_at", "pipeline_id"], descending=True).collect())
+
+    # ------------------------------------------------------------------ chains
+    def save_chain(
+        self,
+        pipeline_id: str,
+        steps: list[dict],
+        model_step_idx: int,
+        model_class: str,
+        preprocessings: str,
+        fold_strategy: str,
+        fold_artifacts: dict,
+        shared_artifacts: dict,
+        branch_path: list | None = None,
+        source_index: int | None = None,
+    ) -> str:
+        """Record the steps and fitted artifacts that produced a pipeline's predictions; returns its id."""
+        with self._lock:
+            self._check_open()
+            pipeline = self._require_pipeline(pipeline_id)
+            if not isinstance(steps, (list, tuple)):
+                raise TypeError(f"steps must be a list of dicts, got {type(steps).__name__}")
+            fold_artifacts = dict(fold_artifacts or {})
+            shared_artifacts = {str(k): list(v) for k, v in (shared_artifacts or {}).items()}
+            held = set(fold_artifacts.values())
+            for ids in shared_artifacts.values():
+                held.update(ids)
+            held.update(s.get("artifact_id") for s in steps if isinstance(s, dict))
+            held.discard(None)
+            row = {
+                "chain_id": new_id(),
+                "pipeline_id": pipeline_id,
+                "run_id": pipeline["run_id"],
+                "steps": _json(list(steps)),
+                "model_step_idx": _opt_int("model_step_idx", model_step_idx),
+                "model_class": _text("model_class", model_class),
+                "preprocessings": _text("preprocessings", preprocessings),
+                "fold_strategy": None if fold_strategy is None else str(fold_strategy),
+                "fold_artifacts": _json(fold_artifacts),
+                "shared_artifacts": _json(shared_artifacts),
+                "branch_path": _json(branch_path),
+                "source_index": _opt_int("source_index", source_index),
+                "artifact_ids": sorted(str(a) for a in held),
+                "created_at": CLOCK.now_us(),
+            }
+            self._buffer("chains", row)
+            return row["chain_id"]
+
+    def get_chain(self, chain_id: str) -> dict | None:
+        """The chain as a dict (steps, fold_artifacts, shared_artifacts, branch_path decoded), or None."""
+        with self._lock:
+            self._check_open()
+            row = self._row(S.CHAINS, chain_id)
+        if row is None:
+            return None
+        row.pop("artifact_ids", None)
+        for key in ("steps", "fold_artifacts", "shared_artifacts", "branch_path"):
+            row[key] = _unjson(row[key])
+        return row
+
+    def get_chains_for_pipeline(self, pipeline_id: str) -> pl.DataFrame:
+        """The pipeline's chains, in creation order."""
+        with self._lock:
+            self._check_open()
+            frame = self._frame(S.CHAINS).filter(pl.col("pipeline_id") == pipeline_id)
+            return self._public(frame.sort(["created_at", "chain_id"]).collect())
+
+    # ------------------------------------------------------------------ predictions
+    def save_prediction(
+        self,
+        pipeline_id: str,
+        chain_id: str,
+        dataset_name: str,
+        model_name: str,
+        model_class: str,
+        fold_id: Any,
+        partition: str,
+        val_score: float | None,
+        test_score: float | None,
+        train_score: float | None,
+        metric: str,
+        task_type: str,
+        n_samples: int,
+        n_features: int,
+        scores: dict,
+        best_params: dict,
+        branch_id: int | None,
+        branch_name: str | None,
+        exclusion_count: int,
+        exclusion_rate: float,
+        preprocessings: str = "",
+        prediction_id: str | None = None,
+    ) -> str:
+        """Add one prediction record (every call adds one); returns its id."""
+        with self._lock:
+            self._check_open()
+            pipeline = self._require_pipeline(pipeline_id)
+            _text("dataset_name", dataset_name, allow_none=False)
+            pid = new_id() if prediction_id is None else _text("prediction_id", prediction_id, allow_none=False)
+            if not pid:
+                raise ValueError("prediction_id must not be empty")
+            row = {
+                "prediction_id": pid,
+                "pipeline_id": pipeline_id,
+                "chain_id": _text("chain_id", chain_id),
+                "run_id": pipeline["run_id"],
+                "dataset_name": dataset_name,
+                "model_name": _text("model_name", model_name),
+                "model_class": _text("model_class", model_class),
+                "fold_id": None if fold_id is None else str(fold_id),
+                "partition": _text("partition", partition),
+                "val_score": _opt_float("val_score", val_score),
+                "test_score": _opt_float("test_score", test_score),
+                "train_score": _opt_float("train_score", train_score),
+                "metric": _text("metric", metric),
+                "task_type": _text("task_type", task_type),
+                "n_samples": _opt_int("n_samples", n_samples),
+                "n_features": _opt_int("n_features", n_features),
+                "scores": _json(scores),
+                "best_params": _json(best_params),
+                "branch_id": _opt_int("branch_id", branch_id),
+                "branch_name": _text("branch_name", branch_name),
+                "exclusion_count": _opt_int("exclusion_count", exclusion_count),
+                "exclusion_rate": _opt_float("exclusion_rate", exclusion_rate),
+                "preprocessings": _text("preprocessings", preprocessings) or "",
+                "created_at": CLOCK.now_us(),
+            }
+            self._known_predictions[pid] = (pipeline["run_id"], dataset_name)
+            self._buffer("predictions", row)
+            return pid
+
+    def save_prediction_arrays(
+        self,
+        prediction_id: str,
+        y_true: Any,
+        y_pred: Any,
+        y_proba: Any = None,
+        sample_indices: Any = None,
+        weights: Any = None,
+    ) -> None:
+        """Attach dense arrays to a prediction (a later call replaces them)."""
+        with self._lock:
+            self._check_open()
+            owner = self._known_predictions.get(prediction_id)
+            if owner is None:
+                row = self._row(S.PREDICTIONS, prediction_id)
+                if row is None:
+                    raise KeyError(f"unknown prediction_id {prediction_id!r}")
+                owner = (row["run_id"], row["dataset_name"])
+            arrays = check_arrays(y_true, y_pred, y_proba, sample_indices, weights)
+            self._arrays.append(
+                {"prediction_id": prediction_id, "run_id": owner[0], "dataset_name": owner[1], "_version": CLOCK.now_us(), **arrays}
+            )
+            self._buffered_bytes += nbytes(arrays)
+            if self._buffered_bytes >= self._flush_bytes or len(self._arrays) >= self._flush_rows:
+                self._flush_locked()
+
+    def get_prediction(self, prediction_id: str, load_arrays: bool = False) -> dict | None:
+        """The prediction as a dict, or None; with ``load_arrays`` also its arrays as numpy (or None)."""
+        with self._lock:
+            self._check_open()
+            row = self._row(S.PREDICTIONS, prediction_id)
+            if row is None:
+                return None
+            row["scores"] = _unjson(row["scores"])
+            row["best_params"] = _unjson(row["best_params"])
+            if load_arrays:
+                row.update(self._load_arrays(prediction_id, row["dataset_name"]))
+            return row
+
+    def _load_arrays(self, prediction_id: str, dataset_name: str) -> dict[str, np.ndarray | None]:
+        tdef = S.PREDICTION_ARRAYS
+        frame = self._frame(tdef, dataset_name).filter(pl.col("prediction_id") == prediction_id).collect()
+        if frame.height == 0:
+            return {f: None for f in ARRAY_FIELDS}
+        stored = frame.row(0, named=True)
+        return {f: to_numpy(f, stored[f]) for f in ARRAY_FIELDS}
+
+    def _predictions(self, dataset_name: str | None = None) -> pl.LazyFrame:
+        exact = dataset_name if (dataset_name is not None and "%" not in dataset_name) else None
+        return self._frame(S.PREDICTIONS, exact)
+
+    def query_predictions(
+        self,
+        dataset_name: str | None = None,
+        model_class: str | None = None,
+        partition: str | None = None,
+        fold_id: Any = None,
+        branch_id: int | None = None,
+        pipeline_id: str | None = None,
+        run_id: str | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> pl.DataFrame:
+        """Predictions matching every given filter (``%`` in a string makes it a LIKE pattern); no arrays."""
+        filters = dict(zip(_PREDICTION_FILTERS, (dataset_name, model_class, partition, fold_id, branch_id, pipeline_id, run_id)))
+        with self._lock:
+            self._check_open()
+            frame = self._predictions(dataset_name)
+        frame = frame.filter(*_filter_exprs(filters)) if any(v is not None for v in filters.values()) else frame
+        frame = frame.sort(["created_at", "prediction_id"]).slice(offset, limit)
+        return frame.collect()
+
+    def top_predictions(
+        self,
+        n: int,
+        metric: str = "val_score",
+        ascending: bool = True,
+        partition: str = "val",
+        dataset_name: str | None = None,
+        group_by: str | None = None,
+    ) -> pl.DataFrame:
+        """The best ``n`` predictions of ``partition`` by the ``metric`` column (of each ``group_by`` group)."""
+        columns = S.PREDICTIONS.schema.names
+        numeric = {f.name for f in S.PREDICTIONS.schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)}
+        if not isinstance(metric, str) or metric not in numeric:
+            raise ValueError(f"Invalid metric column: {metric!r} (choose one of {', '.join(sorted(numeric))})")
+        if group_by is not None and (not isinstance(group_by, str) or group_by not in columns):
+            raise ValueError(f"Invalid group_by column: {group_by!r} (choose one of {', '.join(columns)})")
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        with self._lock:
+            self._check_open()
+            frame = self._predictions(dataset_name)
+        filters = {"partition": partition, "dataset_name": dataset_name}
+        if any(v is not None for v in filters.values()):
+            frame = frame.filter(*_filter_exprs(filters))
+        return top_k(frame, int(n), score=metric, by=group_by, ascending=ascending)
+
+    def delete_prediction(self, prediction_id: str) -> bool:
+        """Delete one prediction and its arrays; False when it did not exist."""
+        with self._lock:
+            self._check_open()
+            if self._row(S.PREDICTIONS, prediction_id) is None:
+                return False
+            self._delete("prediction", prediction_id)
+            self._known_predictions.pop(prediction_id, None)
+            return True
+
+    def _delete(self, kind: str, entity_id: str) -> None:
+        """Append a deletion record and make it durable at once."""
+        self._buffers["deletions"].append({"kind": kind, "entity_id": entity_id, "deleted_at": CLOCK.now_us()})
+        self._flush_locked()
+
+    # ------------------------------------------------------------------ artifacts
+    def save_artifact(self, obj: Any, operator_class: str, artifact_type: str, format: str) -> str:
+        """Serialise ``obj`` and store it by content; identical content gives the same id, stored once."""
+        data = art.serialize(obj, format)
+        with self._lock:
+            self._check_open()
+            digest, rel = art.put_object(self._storage, data)
+            if digest not in self._known_artifacts:
+                self._buffer(
+                    "artifacts",
+                    {
+                        "artifact_id": digest,
+                        "content_hash": digest,
+                        "path": rel,
+                        "operator_class": _text("operator_class", operator_class),
+                        "artifact_type": _text("artifact_type", artifact_type),
+                        "format": format,
+                        "size_bytes": len(data),
+                        "created_at": CLOCK.now_us(),
+                    },
+                )
+                self._known_artifacts.add(digest)
+            return digest
+
+    def register_existing_artifact(
+        self,
+        artifact_id: str,
+        path: str | os.PathLike,
+        content_hash: str,
+        operator_class: str,
+        artifact_type: str,
+        format: str,
+        size_bytes: int,
+    ) -> str:
+        """Record an artifact whose bytes already exist at ``path``; idempotent."""
+        with self._lock:
+            self._check_open()
+            _text("artifact_id", artifact_id, allow_none=False)
+            if artifact_id in self._known_artifacts or self._row(S.ARTIFACTS, artifact_id) is not None:
+                return artifact_id
+            path = os.fspath(path)
+            full = path if (os.path.isabs(path) or "://" in path) else self._storage.path(path)
+            inside = full.split("://", 1)[-1].startswith(self._storage.root.rstrip("/") + "/")
+            self._buffer(
+                "artifacts",
+                {
+                    "artifact_id": artifact_id,
+                    "content_hash": _text("content_hash", content_hash, allow_none=False),
+                    "path": self._storage.relative(full) if inside else full,
+                    "operator_class": _text("operator_class", operator_class),
+                    "artifact_type": _text("artifact_type", artifact_type),
+                    "format": _text("format", format),
+                    "size_bytes": _opt_int("size_bytes", size_bytes),
+                    "created_at": CLOCK.now_us(),
+                },
+            )
+            self._known_artifacts.add(artifact_id)
+            return artifact_id
+
+    def _artifact(self, artifact_id: str) -> dict:
+        row = self._row(S.ARTIFACTS, artifact_id)
+        if row is None:
+            raise KeyError(f"unknown artifact_id {artifact_id!r}")
+        return row
+
+    def load_artifact(self, artifact_id: str) -> Any:
+        """The stored object, after its bytes are checked against their sha256.
+
+        Unpickling runs code: load only artifacts from workspaces you trust.
+        """
+        with self._lock:
+            self._check_open()
+            row = self._artifact(artifact_id)
+        try:
+            data = art.read_verified(self._storage, row["path"], row["content_hash"])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"the bytes of artifact {artifact_id!r} are gone (expected at {row['path']})") from None
+        return art.deserialize(data, row["format"])
+
+    def get_artifact_path(self, artifact_id: str) -> Path | str:
+        """Where the artifact's bytes live: a ``Path`` for a local workspace, a URL otherwise."""
+        with self._lock:
+            self._check_open()
+            rel = self._artifact(artifact_id)["path"]
+        if os.path.isabs(rel) or "://" in rel:
+            return Path(rel) if "://" not in rel else rel
+        return Path(self._storage.path(rel)) if self._storage.is_local else self._storage.url(rel)
+
+    def gc_artifacts(self) -> int:
+        """Remove artifacts that no live chain (of a pipeline not failed, in a run not deleted) holds.
+
+        Returns how many artifact records were removed. Objects go once no kept record points at them.
+        """
+        with self._lock:
+            self._check_open()
+            live_pipelines = self._frame(S.PIPELINES).filter(pl.col("status") != "failed").select("pipeline_id")
+            held = (
+                self._frame(S.CHAINS)
+                .join(live_pipelines, on="pipeline_id", how="semi")
+                .select(pl.col("artifact_ids").explode().alias("artifact_id"))
+                .drop_nulls()
+                .unique()
+            )
+            artifacts = self._frame(S.ARTIFACTS).collect()
+            held_ids = set(held.collect()["artifact_id"].to_list())
+            doomed = artifacts.filter(~pl.col("artifact_id").is_in(list(held_ids)))
+            if doomed.height == 0:
+                return 0
+            now = CLOCK.now_us()
+            for artifact_id in doomed["artifact_id"].to_list():
+                self._buffers["deletions"].append({"kind": "artifact", "entity_id": artifact_id, "deleted_at": now})
+                self._known_artifacts.discard(artifact_id)
+            # The deletion records land first: a crash after this leaves orphan bytes, never a
+            # record pointing at missing bytes.
+            self._flush_locked()
+            kept = artifacts.filter(pl.col("artifact_id").is_in(list(held_ids)))
+            kept_paths = set(kept["path"].to_list())
+            for rel in set(doomed["path"].to_list()) - kept_paths:
+                if rel.startswith(art.OBJECTS_DIR + "/"):
+                    self._storage.delete(rel)
+            return doomed.height
+
+    # ------------------------------------------------------------------ logs
+    def log_step(
+        self,
+        pipeline_id: str,
+        step_idx: int,
+        operator_class: str,
+        event: str,
+        duration_ms: float | None = None,
+        message: str | None = None,
+        details: dict | None = None,
+        level: str = "info",
+    ) -> None:
+        """Record a structured step event (start, end, warning, ...)."""
+        with self._lock:
+            self._check_open()
+            pipeline = self._require_pipeline(pipeline_id)
+            now = CLOCK.now_us()
+            self._buffer(
+                "logs",
+                {
+                    "log_id": new_id(),
+                    "pipeline_id": pipeline_id,
+                    "run_id": pipeline["run_id"],
+                    "step_idx": _opt_int("step_idx", step_idx),
+                    "operator_class": _text("operator_class", operator_class),
+                    "event": _text("event", event, allow_none=False),
+                    "duration_ms": _opt_float("duration_ms", duration_ms),
+                    "message": None if message is None else str(message),
+                    "details": _json(details),
+                    "level": _text("level", level, allow_none=False),
+                    "created_at": now,
+                    "_version": now,
+                },
+            )
+
+    def get_pipeline_log(self, pipeline_id: str) -> pl.DataFrame:
+        """The pipeline's step events, ordered by step, then time."""
+        with self._lock:
+            self._check_open()
+            frame = self._frame(S.LOGS).filter(pl.col("pipeline_id") == pipeline_id)
+            return self._public(frame.sort(["step_idx", "_version"], nulls_last=True).collect())
+
+    def get_run_log_summary(self, run_id: str) -> pl.DataFrame:
+        """One row per pipeline of the run: log count, total ``end`` duration, warnings, errors."""
+        with self._lock:
+            self._check_open()
+            pipelines = self._frame(S.PIPELINES).filter(pl.col("run_id") == run_id).select("pipeline_id", "name", "dataset_name", "created_at")
+            logs = self._frame(S.LOGS).filter(pl.col("run_id") == run_id)
+        per_pipeline = logs.group_by("pipeline_id").agg(
+            pl.len().alias("log_count"),
+            pl.col("duration_ms").filter(pl.col("event") == "end").sum().alias("total_duration_ms"),
+            ((pl.col("level") == "warning") | (pl.col("event") == "warning")).sum().alias("warning_count"),
+            ((pl.col("level") == "error") | (pl.col("event") == "error")).sum().alias("error_count"),
+        )
+        return (
+            pipelines.join(per_pipeline, on="pipeline_id", how="left")
+            .with_columns(
+                pl.col("log_count").fill_null(0).cast(pl.Int64),
+                pl.col("total_duration_ms").fill_null(0.0),
+                pl.col("warning_count").fill_null(0).cast(pl.Int64),
+                pl.col("error_count").fill_null(0).cast(pl.Int64),
+            )
+            .sort("created_at")
+            .drop("created_at")
+            .collect()
+        )
+
+    # ------------------------------------------------------------------ export, deletion, replay
+    def export_chain(self, chain_id: str, output_path: str | os.PathLike, format: str = "n4a") -> Path:
+        """Write the chain and its artifacts to a zip (``manifest.json``, ``chain.json``, ``artifacts/``)."""
+        if format != "n4a":
+            raise ValueError(f"unknown export format {format!r}: only 'n4a' is supported")
+        chain = self.get_chain(chain_id)
+        if chain is None:
+            raise KeyError(f"unknown chain_id {chain_id!r}")
+        with self._lock:
+            ids = self._frame(S.CHAINS).filter(pl.col("chain_id") == chain_id).collect()["artifact_ids"][0].to_list()
+            records = self._frame(S.ARTIFACTS).filter(pl.col("artifact_id").is_in(ids)).collect().rows(named=True)
+        target = _with_suffix(output_path, ".n4a")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        manifest_artifacts = []
+        with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for rec in records:
+                name = f"artifacts/{rec['artifact_id']}.{rec['format']}"
+                zf.writestr(name, art.read_verified(self._storage, rec["path"], rec["content_hash"]))
+                manifest_artifacts.append(
+                    {k: rec[k] for k in ("artifact_id", "content_hash", "operator_class", "artifact_type", "format", "size_bytes")}
+                    | {"file": name}
+                )
+            manifest = {
+                "format": "n4a",
+                "producer": f"nirslake {__version__}",
+                "chain_id": chain_id,
+                "pipeline_id": chain["pipeline_id"],
+                "exported_at": datetime.now(timezone.utc).isoformat(),
+                "artifacts": manifest_artifacts,
+            }
+            zf.writestr("manifest.json", json.dumps(manifest, indent=2))
+            zf.writestr("chain.json", json.dumps(chain, indent=2, default=str))
+        return target
+
+    def export_pipeline_config(self, pipeline_id: str, output_path: str | os.PathLike) -> Path:
+        """Write the pipeline's expanded config as JSON (``.json`` added when the path has no suffix)."""
+        pipeline = self.get_pipeline(pipeline_id)
+        if pipeline is None:
+            raise KeyError(f"unknown pipeline_id {pipeline_id!r}")
+        target = _with_suffix(output_path, ".json")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(pipeline["expanded_config"], indent=2), encoding="utf-8")
+        return target
+
+    def export_run(self, run_id: str, output_path: str | os.PathLike) -> Path:
+        """Write the run, its pipelines and their chains as YAML (``.yaml`` added when no suffix)."""
+        import yaml
+
+        run = self.get_run(run_id)
+        if run is None:
+            raise KeyError(f"unknown run_id {run_id!r}")
+        with self._lock:
+            pipelines = self.list_pipelines(run_id=run_id).sort("created_at").rows(named=True)
+            chains = self._public(self._frame(S.CHAINS).filter(pl.col("run_id") == run_id).sort("created_at").collect())
+        by_pipeline: dict[str, list] = {}
+        for chain in chains.rows(named=True):
+            for key in ("steps", "fold_artifacts", "shared_artifacts", "branch_path"):
+                chain[key] = _unjson(chain[key])
+            by_pipeline.setdefault(chain["pipeline_id"], []).append(chain)
+        for p in pipelines:
+            for key in ("expanded_config", "generator_choices"):
+                p[key] = _unjson(p[key])
+            p["chains"] = by_pipeline.get(p["pipeline_id"], [])
+        document = _plain({"run": run, "pipelines": pipelines})
+        target = _with_suffix(output_path, ".yaml")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        return target
+
+    def export_predictions_parquet(self, output_path: str | os.PathLike, **filters: Any) -> Path:
+        """``query_predictions(**filters)`` written as one Parquet file (also when empty)."""
+        unknown = set(filters) - set(_PREDICTION_FILTERS) - {"limit", "offset"}
+        if unknown:
+            raise TypeError(f"unknown filter(s) {sorted(unknown)}: use {', '.join(_PREDICTION_FILTERS)}, limit, offset")
+        frame = self.query_predictions(**filters)
+        target = Path(output_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        frame.write_parquet(target)
+        return target
+
+    def delete_run(self, run_id: str, delete_artifacts: bool = True) -> int:
+        """Delete the run and everything under it; returns how many records went.
+
+        Counted: the run, its pipelines, chains, predictions and log events. One deletion record
+        hides them all at once; ``vacuum()`` reclaims their space.
+        """
+        with self._lock:
+            self._check_open()
+            if self._row(S.RUNS, run_id) is None:
+                return 0
+            count = 1
+            for tdef in (S.PIPELINES, S.CHAINS, S.PREDICTIONS, S.LOGS):
+                count += self._frame(tdef).filter(pl.col("run_id") == run_id).select(pl.len()).collect().item()
+            self._delete("run", run_id)
+            self._known_runs.pop(run_id, None)
+            for pid in [p for p, row in self._known_pipelines.items() if row["run_id"] == run_id]:
+                del self._known_pipelines[pid]
+            if delete_artifacts:
+                self.gc_artifacts()
+            return count
+
+    def vacuum(self) -> None:
+        """Reclaim space: rewrite each table's files without deleted or superseded rows."""
+        from .maintenance import compact_table
+
+        with self._lock:
+            self._check_open()
+            self._flush_locked()
+            for tdef in S.TABLES.values():
+                if tdef.name not in ("commits", "deletions"):
+                    compact_table(self._storage, self._cache, tdef)
+
+    # ------------------------------------------------------------------ SQL and catalog
+    def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
+        """Run DuckDB SQL against the lake's views (the ones in ``catalog.duckdb``); returns polars.
+
+        Buffered writes are flushed first, so the query sees them.
+        """
+        with self._lock:
+            self._check_open()
+            self._flush_locked()
+            con = catalog.connect(self._storage)
+        try:
+            return con.execute(query, params or []).pl()
+        finally:
+            con.close()
+
+    def leaderboard(self, n: int = 5) -> pl.DataFrame:
+        """The best ``n`` chains of each dataset by mean validation score over folds (the ``leaderboard`` view)."""
+        return self.sql("SELECT * FROM leaderboard WHERE rank <= ? ORDER BY dataset_name, rank", [int(n)])
+
+    def rebuild_catalog(self) -> str:
+        """Rebuild ``<workspace>/catalog.duckdb`` from ``sql/views``; returns its path or URL."""
+        with self._lock:
+            self._check_open()
+            return catalog.build_catalog(self._storage)
+
+    def replay_chain(self, chain_id: str, X: Any, wavelengths: Any = None) -> np.ndarray:
+        """Predict with a stored chain: shared transformers in step order, then the mean over fold models."""
+        chain = self.get_chain(chain_id)
+        if chain is None:
+            raise KeyError(f"unknown chain_id {chain_id!r}")
+        if chain.get("model_step_idx") is None:
+            raise RuntimeError(f"chain {chain_id} has no model step to replay")
+        fold_ids = [v for _, v in sorted(chain["fold_artifacts"].items()) if v]
+        if not fold_ids:
+            raise RuntimeError(f"chain {chain_id} has no fold models to replay")
+        data = np.asarray(X, dtype=np.float64)
+        for step in sorted(chain["shared_artifacts"], key=int):
+            if int(step) >= chain["model_step_idx"]:
+                continue
+            for artifact_id in chain["shared_artifacts"][step]:
+                data = self.load_artifact(artifact_id).transform(data)
+        predictions = [np.asarray(self.load_artifact(a).predict(data), dtype=np.float64).reshape(len(data), -1) for a in fold_ids]
+        mean = np.mean(predictions, axis=0)
+        return mean.ravel() if mean.shape[1] == 1 else mean
+
+
+def _filter_exprs(filters: dict[str, Any]) -> list[pl.Expr]:
+    """polars expressions for equality / LIKE filters; values are data, never SQL text."""
+    exprs = []
+    for column, value in filters.items():
+        if value is None:
+            continue
+        if column == "fold_id":
+            value = str(value)
+        if column == "branch_id":
+            exprs.append(pl.col(column) == _opt_int("branch_id", value))
+        elif isinstance(value, str) and "%" in value:
+            pattern = "^" + ".*".join(re.escape(p) for p in value.split("%")) + "$"
+            exprs.append(pl.col(column).str.contains(pattern))
+        else:
+            exprs.append(pl.col(column) == value)
+    return exprs
+
+
+def _plain(value: Any) -> Any:
+    """Values YAML can write safely: datetimes as ISO strings, numpy scalars as Python ones."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _register_exit_flush(store: WorkspaceStore):
+    """Flush a store left open at interpreter exit; never raise there (the peer's connection did)."""
+    ref = weakref.ref(store)
+
+    def flush_at_exit() -> None:
+        live = ref()
+        if live is None or live._closed:
+            return
+        try:
+            live.close()
+        except Exception as exc:  # noqa: BLE001 - exit must not crash; say what was lost instead
+            import sys
+
+            print(f"nirslake: could not flush {live!r} at exit: {exc}", file=sys.stderr)
+
+    atexit.register(flush_at_exit)
+    return flush_at_exit

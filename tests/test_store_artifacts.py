@@ -1,0 +1,196 @@
+"""Artifacts: fitted objects stored once by content hash, loaded back verified, collected when unused."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.linear_model import Ridge
+from sklearn.preprocessing import StandardScaler
+
+RNG = np.random.default_rng(11)
+X = RNG.normal(size=(30, 8))
+Y = X @ RNG.normal(size=8) + RNG.normal(scale=0.1, size=30)
+
+
+def objects_on_disk(workspace: str) -> list[Path]:
+    """Every stored object file (docs/lake-spec.md: objects live under ``<workspace>/objects``)."""
+    return [p for p in (Path(workspace) / "objects").rglob("*") if p.is_file()]
+
+
+def fitted_scaler() -> StandardScaler:
+    return StandardScaler().fit(X)
+
+
+def test_save_and_load_a_fitted_transformer(store):
+    scaler = fitted_scaler()
+
+    artifact_id = store.save_artifact(scaler, "StandardScaler", "transformer", "joblib")
+
+    assert isinstance(artifact_id, str) and artifact_id
+    loaded = store.load_artifact(artifact_id)
+    assert isinstance(loaded, StandardScaler)
+    np.testing.assert_allclose(loaded.transform(X), scaler.transform(X))
+
+
+@pytest.mark.parametrize("fmt", ["pickle", "joblib", "cloudpickle"])
+def test_every_format_round_trips(store, fmt):
+    if fmt == "cloudpickle":
+        pytest.importorskip("cloudpickle", reason="cloudpickle is an optional artifact format")
+    model = Ridge(alpha=0.5).fit(X, Y)
+
+    artifact_id = store.save_artifact(model, "Ridge", "model", fmt)
+
+    np.testing.assert_allclose(store.load_artifact(artifact_id).predict(X), model.predict(X))
+
+
+def test_cloudpickle_stores_what_pickle_cannot(store):
+    pytest.importorskip("cloudpickle", reason="cloudpickle is an optional artifact format")
+    offset = 3.5
+    artifact_id = store.save_artifact(lambda x: x + offset, "lambda", "function", "cloudpickle")
+    assert store.load_artifact(artifact_id)(1.0) == 4.5
+
+
+def test_identical_content_is_stored_once_under_one_id(store, workspace):
+    scaler = fitted_scaler()
+
+    first = store.save_artifact(scaler, "StandardScaler", "transformer", "pickle")
+    second = store.save_artifact(scaler, "StandardScaler", "transformer", "pickle")
+
+    assert first == second
+    assert len(objects_on_disk(workspace)) == 1
+
+
+def test_equal_objects_built_twice_share_one_object(store, workspace):
+    def coefficients():
+        return {"coef": np.linspace(0.0, 1.0, 8), "intercept": 0.25}
+
+    first = store.save_artifact(coefficients(), "LinearCoefficients", "model", "joblib")
+    second = store.save_artifact(coefficients(), "LinearCoefficients", "model", "joblib")
+
+    assert first == second
+    assert len(objects_on_disk(workspace)) == 1
+
+
+def test_different_content_gets_a_different_id_and_object(store, workspace):
+    a = store.save_artifact(fitted_scaler(), "StandardScaler", "transformer", "pickle")
+    b = store.save_artifact(Ridge().fit(X, Y), "Ridge", "model", "pickle")
+
+    assert a != b
+    assert len(objects_on_disk(workspace)) == 2
+
+
+def test_get_artifact_path_points_at_the_stored_object(store, workspace):
+    artifact_id = store.save_artifact(fitted_scaler(), "StandardScaler", "transformer", "pickle")
+
+    path = store.get_artifact_path(artifact_id)
+
+    assert isinstance(path, Path)
+    assert path.is_file()
+    assert path.resolve().is_relative_to((Path(workspace) / "objects").resolve())
+    assert isinstance(pickle.loads(path.read_bytes()), StandardScaler)
+
+
+def test_register_existing_artifact_is_idempotent(store, tmp_path):
+    data = pickle.dumps(Ridge(alpha=2.0).fit(X, Y))
+    external = tmp_path / "exported_models" / "ridge.pkl"
+    external.parent.mkdir()
+    external.write_bytes(data)
+    content_hash = hashlib.sha256(data).hexdigest()
+
+    args = ("ridge-fold0", str(external), content_hash, "Ridge", "model", "pickle", len(data))
+    first = store.register_existing_artifact(*args)
+    second = store.register_existing_artifact(*args)
+
+    assert first == second == "ridge-fold0"
+    assert store.load_artifact("ridge-fold0").alpha == 2.0
+    assert store.get_artifact_path("ridge-fold0").resolve() == external.resolve()
+
+
+def test_load_unknown_artifact_raises_key_error(store):
+    store.save_artifact(fitted_scaler(), "StandardScaler", "transformer", "pickle")
+    with pytest.raises(KeyError):
+        store.load_artifact("no-such-artifact")
+
+
+def test_get_path_of_unknown_artifact_raises_key_error(store):
+    with pytest.raises(KeyError):
+        store.get_artifact_path("no-such-artifact")
+
+
+def test_load_artifact_whose_bytes_are_gone_raises_file_not_found(store):
+    artifact_id = store.save_artifact(fitted_scaler(), "StandardScaler", "transformer", "pickle")
+    store.get_artifact_path(artifact_id).unlink()
+
+    with pytest.raises(FileNotFoundError):
+        store.load_artifact(artifact_id)
+
+
+def test_load_tampered_artifact_reports_a_hash_mismatch(store):
+    artifact_id = store.save_artifact(fitted_scaler(), "StandardScaler", "transformer", "pickle")
+    # A valid pickle of something else: only the hash check can tell.
+    store.get_artifact_path(artifact_id).write_bytes(pickle.dumps({"not": "the scaler"}))
+
+    with pytest.raises(Exception, match=r"(?i)(hash|sha256).*mismatch|mismatch.*(hash|sha256)"):
+        store.load_artifact(artifact_id)
+
+
+# --------------------------------------------------------------------------- garbage collection
+
+
+def _chain_holding(store, pipeline_id, shared_id, model_id):
+    return store.save_chain(
+        pipeline_id,
+        [
+            {"step_idx": 0, "operator_class": "StandardScaler", "params": {}, "artifact_id": shared_id, "stateless": False},
+            {"step_idx": 1, "operator_class": "Ridge", "params": {}, "artifact_id": model_id, "stateless": False},
+        ],
+        1,
+        "Ridge",
+        "StandardScaler",
+        "KFold(1)",
+        {"fold_0": model_id},
+        {"0": [shared_id]},
+    )
+
+
+def test_gc_removes_only_unreferenced_artifacts(store, workspace, make_pipeline):
+    ids = make_pipeline(store)
+    scaler_id = store.save_artifact(fitted_scaler(), "StandardScaler", "transformer", "pickle")
+    model_id = store.save_artifact(Ridge().fit(X, Y), "Ridge", "model", "pickle")
+    orphan_id = store.save_artifact(Ridge(alpha=9.0).fit(X, Y), "Ridge", "model", "pickle")
+    _chain_holding(store, ids.pipeline_id, scaler_id, model_id)
+
+    assert store.gc_artifacts() == 1
+
+    assert len(objects_on_disk(workspace)) == 2
+    assert isinstance(store.load_artifact(scaler_id), StandardScaler)
+    assert store.load_artifact(model_id).alpha == 1.0
+    with pytest.raises((KeyError, FileNotFoundError)):
+        store.load_artifact(orphan_id)
+    assert store.gc_artifacts() == 0
+
+
+def test_gc_collects_artifacts_of_failed_pipelines(store, workspace, make_pipeline):
+    kept = make_pipeline(store)
+    failed = make_pipeline(store, run_name="doomed")
+    shared = store.save_artifact(fitted_scaler(), "StandardScaler", "transformer", "pickle")
+    kept_model = store.save_artifact(Ridge().fit(X, Y), "Ridge", "model", "pickle")
+    failed_model = store.save_artifact(Ridge(alpha=4.0).fit(X, Y), "Ridge", "model", "pickle")
+    _chain_holding(store, kept.pipeline_id, shared, kept_model)
+    _chain_holding(store, failed.pipeline_id, shared, failed_model)
+
+    store.fail_pipeline(failed.pipeline_id, "diverged")
+
+    assert store.gc_artifacts() == 1
+    assert len(objects_on_disk(workspace)) == 2
+    assert isinstance(store.load_artifact(shared), StandardScaler)  # still held by the live chain
+    with pytest.raises((KeyError, FileNotFoundError)):
+        store.load_artifact(failed_model)
+
+
+def test_gc_on_an_empty_workspace_removes_nothing(store):
+    assert store.gc_artifacts() == 0
