@@ -46,7 +46,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     result = run_demo(args.workspace, quick=args.quick, progress=print)
     with _open(args.workspace) as store:
-        _print_frame(store.leaderboard(3), "\nLeaderboard: best 3 chains per dataset by mean validation score over folds")
+        board = store.leaderboard(3).select(
+            "dataset_name", "rank", "model_name", "preprocessings", "metric", "val_score_mean", "val_score_std", "test_score_mean", "n_folds"
+        )
+        _print_frame(board, "\nLeaderboard: best 3 chains per dataset by mean validation score over folds")
         n = store.sql("SELECT count(*) AS n FROM predictions").item()
     catalog = os.path.join(os.path.abspath(args.workspace), "catalog.duckdb")
     print(
@@ -54,7 +57,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"{result['elapsed_s']:.1f} s; the workspace now holds {n} predictions."
     )
     print("Explore it in the DuckDB shell (from any folder):")
-    print(f"  duckdb -readonly {catalog} -c \"SELECT * FROM leaderboard WHERE rank <= 3\"")
+    print(f"  {_duckdb_cli()} -readonly {catalog} -c \"SELECT * FROM leaderboard WHERE rank <= 3\"")
+
+
+def _duckdb_cli() -> str:
+    """The DuckDB shell installed with nirslake (duckdb-cli), or plain ``duckdb`` when it is on PATH."""
+    import shutil
+
+    beside = os.path.join(os.path.dirname(sys.executable), "duckdb")
+    if shutil.which("duckdb") == beside or not os.path.exists(beside):
+        return "duckdb"
+    return beside
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
@@ -74,7 +87,7 @@ def cmd_top(args: argparse.Namespace) -> None:
         except ValueError as exc:
             raise CliError(str(exc)) from None
     columns = [c for c in ("rank", "dataset_name", "model_name", "preprocessings", "fold_id", "partition", args.metric, "prediction_id") if c in frame.columns]
-    _print_frame(frame.select(dict.fromkeys(columns)))
+    _print_frame(frame.select(list(dict.fromkeys(columns))))
 
 
 def cmd_sql(args: argparse.Namespace) -> None:
