@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Sequence
 
 import polars as pl
 
 DEFAULT_WORKSPACE = os.environ.get("NIRSLAKE_WORKSPACE", "lake")
+VIEWS = ("runs", "pipelines", "chains", "predictions", "prediction_arrays", "artifacts", "logs",
+         "predictions_with_run", "chain_summary", "leaderboard")
 
 
 class CliError(Exception):
@@ -57,7 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f"{result['elapsed_s']:.1f} s; the workspace now holds {n} predictions."
     )
     print("Explore it in the DuckDB shell (from any folder):")
-    print(f"  {_duckdb_cli()} -readonly {catalog} -c \"SELECT * FROM leaderboard WHERE rank <= 3\"")
+    print(f"  {_duckdb_cli()} -readonly {shlex.quote(catalog)} -c \"SELECT * FROM leaderboard WHERE rank <= 3\"")
 
 
 def _duckdb_cli() -> str:
@@ -97,7 +100,8 @@ def cmd_sql(args: argparse.Namespace) -> None:
         try:
             frame = store.sql(args.query)
         except duckdb.Error as exc:
-            raise CliError(f"the query failed: {exc}".strip()) from None
+            first = str(exc).strip().splitlines()[0]
+            raise CliError(f"the query failed: {first} (views: {', '.join(VIEWS)})") from None
     _print_frame(frame)
 
 
@@ -105,7 +109,7 @@ def cmd_catalog(args: argparse.Namespace) -> None:
     with _open(args.workspace) as store:
         path = store.rebuild_catalog()
     print(f"catalog rebuilt: {path}")
-    print(f"open it with: duckdb -readonly {path}")
+    print(f"open it with: {_duckdb_cli()} -readonly {shlex.quote(path)}")
 
 
 def build_parser() -> argparse.ArgumentParser:

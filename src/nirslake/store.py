@@ -6,7 +6,6 @@ reads flush first, then apply the lake's read rules, so a process always sees it
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
@@ -25,17 +24,11 @@ from . import __version__
 from . import artifacts as art
 from . import catalog
 from . import schema as S
-from .arrays import ARRAY_FIELDS, check_arrays, list_column, matrix_column, nbytes, to_numpy
+from .arrays import ARRAY_FIELDS, check_arrays, to_numpy
 from .query import resolve, top_k
 from .storage import Storage
-from .tables import CLOCK, FileCache, commit_state, new_id, read_files, to_parquet_bytes, visible_files, write_table
-
-# Order of writes in a flush: parents before children, so a crash midway never leaves a
-# prediction whose pipeline was not written.
-FLUSH_ORDER = ("runs", "pipelines", "artifacts", "chains", "predictions", "prediction_arrays", "logs", "deletions")
-
-DEFAULT_FLUSH_BYTES = 64 * 1024 * 1024
-DEFAULT_FLUSH_ROWS = 50_000
+from .tables import CLOCK, FileCache, commit_state, new_id, read_files, to_parquet_bytes, visible_files
+from .writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, LakeWriter, flush_left_open
 
 _PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "branch_id", "pipeline_id", "run_id")
 
@@ -111,13 +104,9 @@ class WorkspaceStore:
         self._workspace_path: Path | str = (
             Path(self._storage.root) if self._storage.is_local else os.fspath(workspace_path)
         )
-        self._flush_bytes = flush_bytes
-        self._flush_rows = flush_rows
         self._lock = threading.RLock()
         self._cache = FileCache()
-        self._buffers: dict[str, list[dict]] = {name: [] for name in FLUSH_ORDER}
-        self._arrays: list[dict] = []
-        self._buffered_bytes = 0
+        self._writer = LakeWriter(self._storage, flush_bytes, flush_rows)
         # What this process wrote, so hot-path writes never scan the lake to find a parent.
         self._known_runs: dict[str, dict] = {}
         self._known_pipelines: dict[str, dict] = {}
@@ -125,7 +114,8 @@ class WorkspaceStore:
         self._known_artifacts: set[str] = set()
         self._closed = False
         self._init_workspace()
-        self._atexit = _register_exit_flush(self)
+        # A store dropped or left open at exit still writes what it buffered (never silently lost).
+        self._finalizer = weakref.finalize(self, flush_left_open, self._writer, repr(self))
 
     # ------------------------------------------------------------------ lifetime
     @property
@@ -155,7 +145,7 @@ class WorkspaceStore:
                 self._flush_locked()
             finally:
                 self._closed = True
-                atexit.unregister(self._atexit)
+                self._finalizer.detach()
 
     def __enter__(self) -> "WorkspaceStore":
         return self
@@ -177,38 +167,10 @@ class WorkspaceStore:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if self._arrays:
-            self._buffers["prediction_arrays"] = self._pack_arrays()
-        for name in FLUSH_ORDER:
-            rows = self._buffers[name]
-            if not rows:
-                continue
-            tdef = S.TABLES[name]
-            table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=tdef.schema)
-            write_table(self._storage, tdef, table)
-            self._buffers[name] = []
-        self._arrays = []
-        self._buffered_bytes = 0
+        self._writer.flush()
 
     def _buffer(self, table: str, row: dict) -> None:
-        self._buffers[table].append(row)
-        if sum(len(b) for b in self._buffers.values()) + len(self._arrays) >= self._flush_rows:
-            self._flush_locked()
-
-    def _pack_arrays(self) -> pa.Table:
-        rows = self._arrays
-        columns = {
-            "prediction_id": pa.array([r["prediction_id"] for r in rows], pa.string()),
-            "run_id": pa.array([r["run_id"] for r in rows], pa.string()),
-            "dataset_name": pa.array([r["dataset_name"] for r in rows], pa.string()),
-            "y_true": list_column([r["y_true"] for r in rows], pa.float64()),
-            "y_pred": list_column([r["y_pred"] for r in rows], pa.float64()),
-            "y_proba": matrix_column([r["y_proba"] for r in rows]),
-            "sample_indices": list_column([r["sample_indices"] for r in rows], pa.int64()),
-            "weights": list_column([r["weights"] for r in rows], pa.float64()),
-            "_version": pa.array([r["_version"] for r in rows], pa.int64()),
-        }
-        return pa.Table.from_pydict(columns, schema=S.PREDICTION_ARRAYS.schema)
+        self._writer.add(table, row)
 
     # ------------------------------------------------------------------ reading
     def _frame(self, tdef: S.TableDef, dataset_name: str | None = None) -> pl.LazyFrame:
@@ -544,12 +506,9 @@ class WorkspaceStore:
                     raise KeyError(f"unknown prediction_id {prediction_id!r}")
                 owner = (row["run_id"], row["dataset_name"])
             arrays = check_arrays(y_true, y_pred, y_proba, sample_indices, weights)
-            self._arrays.append(
+            self._writer.add_arrays(
                 {"prediction_id": prediction_id, "run_id": owner[0], "dataset_name": owner[1], "_version": CLOCK.now_us(), **arrays}
             )
-            self._buffered_bytes += nbytes(arrays)
-            if self._buffered_bytes >= self._flush_bytes or len(self._arrays) >= self._flush_rows:
-                self._flush_locked()
 
     def get_prediction(self, prediction_id: str, load_arrays: bool = False) -> dict | None:
         """The prediction as a dict, or None; with ``load_arrays`` also its arrays as numpy (or None)."""
@@ -635,7 +594,7 @@ class WorkspaceStore:
 
     def _delete(self, kind: str, entity_id: str) -> None:
         """Append a deletion record and make it durable at once."""
-        self._buffers["deletions"].append({"kind": kind, "entity_id": entity_id, "deleted_at": CLOCK.now_us()})
+        self._buffer("deletions", {"kind": kind, "entity_id": entity_id, "deleted_at": CLOCK.now_us()})
         self._flush_locked()
 
     # ------------------------------------------------------------------ artifacts
@@ -748,7 +707,7 @@ class WorkspaceStore:
                 return 0
             now = CLOCK.now_us()
             for artifact_id in doomed["artifact_id"].to_list():
-                self._buffers["deletions"].append({"kind": "artifact", "entity_id": artifact_id, "deleted_at": now})
+                self._buffer("deletions", {"kind": "artifact", "entity_id": artifact_id, "deleted_at": now})
                 self._known_artifacts.discard(artifact_id)
             # The deletion records land first: a crash after this leaves orphan bytes, never a
             # record pointing at missing bytes.
@@ -1014,22 +973,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def _register_exit_flush(store: WorkspaceStore):
-    """Flush a store left open at interpreter exit; never raise there (the peer's connection did)."""
-    ref = weakref.ref(store)
-
-    def flush_at_exit() -> None:
-        live = ref()
-        if live is None or live._closed:
-            return
-        try:
-            live.close()
-        except Exception as exc:  # noqa: BLE001 - exit must not crash; say what was lost instead
-            import sys
-
-            print(f"nirslake: could not flush {live!r} at exit: {exc}", file=sys.stderr)
-
-    atexit.register(flush_at_exit)
-    return flush_at_exit
