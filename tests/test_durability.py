@@ -144,3 +144,37 @@ def test_readers_never_meet_a_half_written_file(workspace):
     assert counts == sorted(counts), "a reader saw the count go down"
     assert counts[-1] == n_pipelines * 15
     assert len(counts) >= 3, "the reader loop never overlapped the writer"
+
+
+LEFT_OPEN = textwrap.dedent(
+    """
+    import sys
+    from nirslake import WorkspaceStore
+
+    store = WorkspaceStore(sys.argv[1])
+    run = store.begin_run("left open", {}, [])
+    pipe = store.begin_pipeline(run, "p", {}, {}, "wheat", "h")
+    store.save_prediction(pipe, None, "wheat", "m", "M", 0, "val", 0.1, 0.1, 0.1, "rmse", "regression",
+                          1, 1, {}, {}, None, None, 0, 0.0, prediction_id="kept-at-exit")
+    # no close(), no durability point: the exit hook must write it, and the exit must be clean
+    """
+)
+
+
+def test_a_store_left_open_is_flushed_at_exit_without_crashing(workspace):
+    WorkspaceStore(workspace).close()
+    done = subprocess.run([sys.executable, "-c", LEFT_OPEN, workspace], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    with WorkspaceStore(workspace) as store:
+        assert store.get_prediction("kept-at-exit")["val_score"] == 0.1
+
+
+def test_a_dropped_store_writes_what_it_buffered(workspace):
+    import gc
+
+    store = WorkspaceStore(workspace)
+    run = store.begin_run("dropped", {}, [])
+    del store
+    gc.collect()
+    with WorkspaceStore(workspace) as reopened:
+        assert reopened.get_run(run)["name"] == "dropped"

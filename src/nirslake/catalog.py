@@ -43,6 +43,9 @@ def view_statements(storage: Storage) -> str:
 
 
 def create_views(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
+    if not storage.is_local:
+        # DuckDB reads remote workspaces through the same fsspec filesystem as the store.
+        con.register_filesystem(storage.fs)
     con.execute(view_statements(storage))
 
 

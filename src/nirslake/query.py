@@ -12,7 +12,7 @@ import polars as pl
 
 from . import schema as S
 from .storage import Storage
-from .tables import FileCache, commit_state, visible_files
+from .tables import FileCache, commit_state, read_files, visible_files
 
 # Metrics where a smaller value is better; everything else (r2, accuracy, f1, ...) ranks descending.
 LOWER_IS_BETTER = frozenset({"rmse", "mse", "mae", "mape", "rmsecv", "sep", "bias", "log_loss", "logloss", "loss"})
@@ -88,9 +88,15 @@ def scan(
     return resolve(frame, tdef, deletions)
 
 
+# URL schemes polars reads natively; other fsspec filesystems are read through pyarrow.
+POLARS_NATIVE = frozenset({"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https"})
+
+
 def _scan_files(storage: Storage, tdef: S.TableDef, rels: Sequence[str]) -> pl.LazyFrame:
     if not rels:
         return pl.LazyFrame(schema=polars_schema(tdef))
+    if storage.protocol not in POLARS_NATIVE:
+        return pl.from_arrow(read_files(storage, tdef, FileCache(), list(rels))).lazy()
     return pl.scan_parquet(
         [storage.url(r) for r in rels],
         schema=polars_schema(tdef),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from pathlib import Path
 from typing import Any, Iterable
 
 import fsspec
@@ -51,10 +50,6 @@ class Storage:
         full_path = full_path.split("://", 1)[-1]
         return posixpath.relpath(full_path, self.root)
 
-    def local_path(self, *parts: str) -> Path:
-        """A ``pathlib.Path`` (only meaningful for local workspaces)."""
-        return Path(self.path(*parts))
-
     # -- reading -------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
@@ -84,9 +79,6 @@ class Storage:
         except FileNotFoundError:
             return []
         return sorted(self.relative(f) for f in files if f.endswith(suffix))
-
-    def size(self, rel: str) -> int:
-        return int(self.fs.size(self.path(rel)))
 
     # -- writing -------------------------------------------------------------
     def publish(self, rel: str, data: bytes, overwrite: bool = False) -> None:
@@ -132,10 +124,6 @@ class Storage:
 
     def delete_many(self, rels: Iterable[str]) -> int:
         return sum(self.delete(r) for r in rels)
-
-    def makedirs(self, rel: str) -> None:
-        if self.is_local:
-            os.makedirs(self.path(rel), exist_ok=True)
 
 
 def _fsync_dir(path: str) -> None:

@@ -6,7 +6,6 @@ The rules implemented here are the ones written in docs/lake-spec.md; keep the t
 from __future__ import annotations
 
 import io
-import os
 import posixpath
 import threading
 import time
@@ -180,19 +179,3 @@ def read_files(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[st
     if not rels:
         return tdef.schema.empty_table()
     return pa.concat_tables([cache.read(storage, rel, tdef.schema) for rel in rels])
-
-
-def read_arrow(storage: Storage, tdef: TableDef, rels: list[str], filter_expr=None) -> pa.Table:
-    """Read files without caching (large array tables), optionally filtered with row-group pruning."""
-    if not rels:
-        return tdef.schema.empty_table()
-    paths = [storage.path(r) for r in rels]
-    dataset = pq.ParquetDataset(paths, filesystem=storage.fs, schema=tdef.schema, filters=filter_expr)
-    return conform(dataset.read(), tdef.schema)
-
-
-def file_stamp(rel: str) -> int:
-    """The microsecond stamp encoded in a data file's name (files sort by it)."""
-    name = os.path.basename(rel)
-    stem = name[len(COMPACT_PREFIX) :] if name.startswith(COMPACT_PREFIX) else name[len(DATA_PREFIX) :]
-    return int(stem.split("-", 1)[0], 16)
