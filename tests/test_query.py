@@ -113,3 +113,29 @@ def test_partition_folders_stay_inside_and_round_trip(store, workspace, name):
     assert store.query_predictions(dataset_name=name)["prediction_id"].to_list() == [pid]
     assert q.scan(workspace, "predictions", dataset_name=name).collect()["dataset_name"].to_list() == [name]
     assert store.get_prediction(pid, load_arrays=True)["y_pred"].tolist() == [2.0]
+
+
+def test_a_prediction_saved_again_under_its_id_replaces_it_in_every_reader(store, workspace):
+    run = store.begin_run("r", {}, [])
+    pipe = store.begin_pipeline(run, "p", {}, {}, "wheat", "h")
+    for score in (0.9, 0.4):
+        store.save_prediction(pipe, None, "wheat", "m", "M", 0, "val", score, 0.1, 0.1, "rmse", "regression",
+                              1, 1, {}, {}, None, None, 0, 0.0, prediction_id="fixed-id")
+    assert store.query_predictions()["val_score"].to_list() == [0.4]
+    assert q.scan(workspace, "predictions").collect()["val_score"].to_list() == [0.4]
+    assert store.sql("SELECT val_score FROM predictions")["val_score"].to_list() == [0.4]
+
+
+def test_one_object_recorded_by_two_writers_is_one_artifact(workspace):
+    first, second = WorkspaceStore(workspace), WorkspaceStore(workspace)
+    try:
+        ids = {s.save_artifact({"coef": [1, 2]}, "Ridge", "model", "pickle") for s in (first, second)}
+        first.flush()
+        second.flush()
+        assert len(ids) == 1
+        assert q.scan(workspace, "artifacts").collect().height == 1
+        assert first.sql("SELECT count(*) AS n FROM artifacts")["n"][0] == 1
+        assert first.gc_artifacts() == 1  # unreferenced, and counted once, not once per record
+    finally:
+        first.close()
+        second.close()

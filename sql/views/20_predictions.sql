@@ -1,10 +1,12 @@
 -- Predictions are partitioned by dataset; each row is one model, fold and partition.
+-- Saving a prediction id again replaces it: the latest created_at wins.
 CREATE OR REPLACE VIEW predictions AS
 SELECT p.* FROM lake_table('predictions') AS p
 LEFT JOIN (SELECT entity_id, deleted_at FROM deleted_entities WHERE kind = 'prediction') AS d
        ON d.entity_id = p.prediction_id
 WHERE p.run_id NOT IN (SELECT run_id FROM deleted_runs)
-  AND (d.deleted_at IS NULL OR d.deleted_at < p.created_at);
+  AND (d.deleted_at IS NULL OR d.deleted_at < p.created_at)
+QUALIFY row_number() OVER (PARTITION BY p.prediction_id ORDER BY p.created_at DESC) = 1;
 
 -- Arrays are saved once per prediction; a later save of the same id replaces it.
 CREATE OR REPLACE VIEW prediction_arrays AS

@@ -42,8 +42,8 @@ def _row_stamp(tdef: S.TableDef) -> pl.Expr:
 
 def resolve(frame: pl.LazyFrame, tdef: S.TableDef, deletions: pl.LazyFrame) -> pl.LazyFrame:
     """Apply the read rules of the lake spec: latest version wins, deleted entities vanish."""
-    if tdef.versioned:
-        frame = frame.sort("_version").unique(subset=[tdef.key], keep="last", maintain_order=True)
+    if tdef.version_column:
+        frame = frame.sort(tdef.version_column).unique(subset=[tdef.key], keep="last", maintain_order=True)
     if "run_id" in tdef.schema.names:
         dead_runs = deletions.filter(pl.col("kind") == "run").select(pl.col("entity_id").alias("run_id"))
         frame = frame.join(dead_runs, on="run_id", how="anti")

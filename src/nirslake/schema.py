@@ -21,8 +21,8 @@ class TableDef:
     name: str
     key: str
     schema: pa.Schema
-    # Rows are versioned snapshots: the one with the highest ``_version`` per key wins.
-    versioned: bool = False
+    # Column whose highest value per key marks the current row (lake spec §5.1); None: keys are unique.
+    version_column: str | None = None
     # Column whose value names the hive partition folder (``dataset=<encoded>``).
     partition_by: str | None = None
 
@@ -48,7 +48,7 @@ RUNS = TableDef(
             ("_version", pa.int64()),
         ]
     ),
-    versioned=True,
+    version_column="_version",
 )
 
 PIPELINES = TableDef(
@@ -74,7 +74,7 @@ PIPELINES = TableDef(
             ("_version", pa.int64()),
         ]
     ),
-    versioned=True,
+    version_column="_version",
 )
 
 CHAINS = TableDef(
@@ -131,6 +131,7 @@ PREDICTIONS = TableDef(
             ("created_at", TS),
         ]
     ),
+    version_column="created_at",
     partition_by="dataset_name",
 )
 
@@ -150,7 +151,7 @@ PREDICTION_ARRAYS = TableDef(
             ("_version", pa.int64()),
         ]
     ),
-    versioned=True,
+    version_column="_version",
     partition_by="dataset_name",
 )
 
@@ -169,6 +170,7 @@ ARTIFACTS = TableDef(
             ("created_at", TS),
         ]
     ),
+    version_column="created_at",
 )
 
 LOGS = TableDef(
