@@ -22,7 +22,8 @@ def workspace(tmp_path) -> str:
 @pytest.fixture
 def store(workspace):
     """A store opened on the fresh workspace, closed after the test."""
-    s = WorkspaceStore(workspace)
+    # grace_seconds=0 so gc_artifacts and vacuum act at once; test_store_artifacts checks the default.
+    s = WorkspaceStore(workspace, grace_seconds=0)
     yield s
     s.close()
 

@@ -401,7 +401,8 @@ def _files(storage: Storage, table: str, prefix: str) -> list[str]:
 def test_vacuum_keeps_duckdb_polars_and_the_store_in_agreement(demo_ws, tmp_path, make_pipeline, add_prediction):
     elsewhere = tmp_path / "elsewhere"
     storage = Storage(demo_ws)
-    with WorkspaceStore(demo_ws) as store:
+    # grace_seconds=0: the replaced files' bytes go in this same vacuum.
+    with WorkspaceStore(demo_ws, grace_seconds=0) as store:
         # More pipelines on one dataset, each flushed on its own, so folders hold several files.
         for i in range(3):
             _add_pipeline(store, make_pipeline, add_prediction, run_name=f"extra_{i}", with_arrays=True)
@@ -436,3 +437,14 @@ def test_vacuum_keeps_duckdb_polars_and_the_store_in_agreement(demo_ws, tmp_path
     assert victim not in merged["prediction_id"].to_list()
     runs = pl.concat([pl.from_arrow(pq.read_table(storage.path(r))) for r in _files(storage, "runs", "compact-")])
     assert runs.height == runs["run_id"].n_unique()
+
+
+def test_a_workspace_path_with_glob_characters_works_everywhere(tmp_path):
+    ws = str(tmp_path / "exp[1]*?")
+    with WorkspaceStore(ws) as store:
+        run = store.begin_run("r", {}, [])
+        pipe = store.begin_pipeline(run, "p", {}, {}, "wheat", "h")
+        store.save_prediction(pipe, None, "wheat", "m", "M", 0, "val", 0.1, 0.1, 0.1, "rmse", "regression",
+                              1, 1, {}, {}, None, None, 0, 0.0)
+        assert store.sql("SELECT count(*) AS n FROM predictions")["n"][0] == 1
+    assert scan(ws, "predictions").collect().height == 1

@@ -71,7 +71,8 @@ def test_scan_rejects_an_unknown_table(workspace):
 
 
 @pytest.mark.parametrize(
-    "metric, expected", [("rmse", True), ("MAE", True), ("mse", True), ("r2", False), ("accuracy", False), ("f1", False)]
+    "metric, expected",
+    [("rmse", True), ("MAE", True), ("mse", True), ("r2", False), ("accuracy", False), ("f1", False), ("neg_rmse", False)],
 )
 def test_direction_follows_the_metric(metric, expected):
     assert q.lower_is_better(metric) is expected
@@ -127,7 +128,7 @@ def test_a_prediction_saved_again_under_its_id_replaces_it_in_every_reader(store
 
 
 def test_one_object_recorded_by_two_writers_is_one_artifact(workspace):
-    first, second = WorkspaceStore(workspace), WorkspaceStore(workspace)
+    first, second = WorkspaceStore(workspace, grace_seconds=0), WorkspaceStore(workspace)
     try:
         ids = {s.save_artifact({"coef": [1, 2]}, "Ridge", "model", "pickle") for s in (first, second)}
         first.flush()

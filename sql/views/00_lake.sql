@@ -1,27 +1,34 @@
 -- The read rules of docs/lake-spec.md, as DuckDB macros every view builds on.
--- '{lake}' is replaced by the workspace's absolute path or URL when the catalog is built,
--- so the catalog opens from any working directory.
+-- {lake} stands for the workspace's absolute path or URL, filled in when the catalog is
+-- built, so the catalog opens from any working directory.
 
--- Every file of one table, with its file name; globs are evaluated at query time, so
--- files that land after the catalog was built show up without a rebuild.
+-- Every file of one table, with each row's file name and position in its file (the
+-- tie-break of latest-wins); globs are evaluated at query time, so files that land after
+-- the catalog was built show up without a rebuild.
 CREATE OR REPLACE MACRO lake_files(table_name) AS TABLE
-SELECT * EXCLUDE (filename), parse_filename(filename) AS _file
+SELECT * EXCLUDE (filename, file_row_number), parse_filename(filename) AS _file, file_row_number AS _row
 FROM read_parquet('{lake}/tables/' || table_name || '/**/*.parquet',
-                  union_by_name = true, filename = true, hive_partitioning = false);
+                  union_by_name = true, filename = true, file_row_number = true, hive_partitioning = false);
 
+-- A compaction commit counts unless an earlier commit already replaced one of the same
+-- files: of two compactions racing over the same files, the first wins.
 CREATE OR REPLACE VIEW lake_commits AS
-SELECT * EXCLUDE (_file) FROM lake_files('commits');
+WITH c AS (SELECT * EXCLUDE (_file, _row) FROM lake_files('commits'))
+SELECT * FROM c
+WHERE NOT EXISTS (
+    SELECT 1 FROM c AS earlier
+    WHERE earlier.commit_id < c.commit_id AND len(list_intersect(earlier.removed, c.removed)) > 0);
 
 -- A plain data file is visible unless a commit removed it; a compacted file only once a
 -- commit added it. One commit file flips both at once, so readers never see a row twice.
 CREATE OR REPLACE MACRO lake_table(table_name) AS TABLE
-SELECT * EXCLUDE (_file) FROM lake_files(table_name)
+SELECT * FROM lake_files(table_name)
 WHERE (_file LIKE 'part-%'
        OR (_file LIKE 'compact-%' AND _file IN (SELECT unnest(added) FROM lake_commits)))
   AND _file NOT IN (SELECT unnest(removed) FROM lake_commits WHERE removed IS NOT NULL);
 
 CREATE OR REPLACE VIEW deletions AS
-SELECT * FROM lake_table('deletions');
+SELECT * EXCLUDE (_file, _row) FROM lake_table('deletions');
 
 CREATE OR REPLACE VIEW deleted_runs AS
 SELECT DISTINCT entity_id AS run_id FROM deletions WHERE kind = 'run';

@@ -11,14 +11,14 @@ LEFT JOIN runs AS r USING (run_id);
 -- Per chain and partition: scores aggregated over folds.
 CREATE OR REPLACE VIEW chain_summary AS
 SELECT chain_id, any_value(run_id) AS run_id, any_value(pipeline_id) AS pipeline_id,
-       dataset_name, any_value(model_name) AS model_name, any_value(model_class) AS model_class,
+       dataset_name, model_name, any_value(model_class) AS model_class,
        any_value(preprocessings) AS preprocessings, any_value(metric) AS metric, partition,
        avg(val_score) AS val_score_mean, stddev_samp(val_score) AS val_score_std,
        avg(test_score) AS test_score_mean, stddev_samp(test_score) AS test_score_std,
        avg(train_score) AS train_score_mean, stddev_samp(train_score) AS train_score_std,
        count(*) AS n_folds
 FROM predictions
-GROUP BY chain_id, dataset_name, partition;
+GROUP BY chain_id, dataset_name, model_name, partition;
 
 -- The chains of each dataset ranked by mean validation score over folds; the metric sets
 -- the direction (lower is better for error metrics, higher for r2/accuracy/f1);

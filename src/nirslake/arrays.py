@@ -87,8 +87,17 @@ def to_numpy(field: str, value: Any) -> np.ndarray | None:
     if value is None:
         return None
     if field == "y_proba":
-        return np.array([np.asarray(row, dtype=np.float64) for row in value], dtype=np.float64).reshape(len(value), -1)
+        return _matrix(value)
     return np.asarray(value, dtype=np.int64 if field == "sample_indices" else np.float64)
+
+
+def _matrix(rows: Any) -> np.ndarray:
+    """A ``list<list<double>>`` value back as a 2-D array, also when it has no rows."""
+    if isinstance(rows, pa.ListScalar):
+        rows = rows.as_py()
+    if len(rows) == 0:
+        return np.empty((0, 0), dtype=np.float64)
+    return np.array([np.asarray(r, dtype=np.float64) for r in rows], dtype=np.float64).reshape(len(rows), -1)
 
 
 def nbytes(arrays: dict[str, np.ndarray | None]) -> int:

@@ -58,11 +58,18 @@ def sha256(data: bytes) -> str:
 
 
 def put_object(storage: Storage, data: bytes) -> tuple[str, str]:
-    """Store ``data`` under its hash unless already there; returns (hash, relative path)."""
+    """Store ``data`` under its hash, once; returns (hash, relative path).
+
+    An existing object gets a fresh modification time (lake spec §7): ``gc_artifacts`` keeps
+    objects touched within its grace period, so a writer that saves an object another process
+    is about to collect keeps it. On object stores the PUT itself refreshes it.
+    """
     digest = sha256(data)
     rel = object_path(digest)
-    if not storage.exists(rel):
-        storage.publish(rel, data)
+    if storage.is_local and storage.exists(rel):
+        storage.touch(rel)
+    else:
+        storage.publish(rel, data, overwrite=not storage.is_local)
     return digest, rel
 
 

@@ -33,7 +33,9 @@ def sql_dir() -> Path:
 
 def view_statements(storage: Storage) -> str:
     """The view SQL with the workspace location filled in."""
-    lake = storage.url().replace("'", "''")
+    # Glob characters in the workspace path itself must match literally: [ * ? become [[] [*] [?].
+    literal = "".join(f"[{c}]" if c in "[*?" else c for c in storage.url())
+    lake = literal.replace("'", "''")
     metrics = ", ".join(f"'{m}'" for m in sorted(LOWER_IS_BETTER))
     parts = []
     for path in sorted((sql_dir() / "views").glob("*.sql")):

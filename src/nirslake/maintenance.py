@@ -20,17 +20,46 @@ from .tables import (
     FileCache,
     commit_state,
     conform,
+    file_stamp,
     new_file_name,
     new_id,
     read_files,
     to_parquet_bytes,
     visible_files,
 )
-from .storage import Storage
+from .storage import STAGING_DIR, Storage
 
 
 def is_schema_file(rel: str) -> bool:
     return "-schema-v" in posixpath.basename(rel)
+
+
+def purge(storage: Storage, cache: FileCache, cutoff_us: int) -> int:
+    """Delete bytes no reader needs any more, if they became unneeded before ``cutoff_us``.
+
+    That is: files a counting commit replaced, compaction output no commit made visible (a
+    crashed or losing compaction), and staging leftovers. Returns how many files went.
+    """
+    added, _ = commit_state(storage, cache)
+    commits = read_files(storage, S.COMMITS, cache, storage.list_files(S.COMMITS.dir)).sort_by("commit_id")
+    doomed: list[str] = []
+    counted_removed: set[str] = set()
+    named_before: set[str] = set()
+    for created, old in zip(commits.column("created_at").to_pylist(), commits.column("removed").to_pylist()):
+        old = set(old or ())
+        if not (old & named_before) and created is not None and created.timestamp() * 1e6 < cutoff_us:
+            counted_removed |= old
+        named_before |= old
+    for tdef in S.TABLES.values():
+        for rel in storage.list_files(tdef.dir):
+            name = posixpath.basename(rel)
+            if name in counted_removed:
+                doomed.append(rel)
+            elif name.startswith(COMPACT_PREFIX) and name not in added and file_stamp(name) < cutoff_us:
+                doomed.append(rel)
+    doomed += [rel for rel in storage.list_files(STAGING_DIR, suffix=".tmp") if (storage.modified_us(rel) or 0) < cutoff_us]
+    cache.forget(doomed)
+    return storage.delete_many(doomed)
 
 
 def compact_table(storage: Storage, cache: FileCache, tdef: S.TableDef, min_files: int = 2) -> int:
@@ -65,8 +94,7 @@ def compact_table(storage: Storage, cache: FileCache, tdef: S.TableDef, min_file
             "created_at": [CLOCK.now_us()],
         }
         storage.publish(f"{S.COMMITS.dir}/{new_file_name()}", to_parquet_bytes(pa.Table.from_pydict(commit, schema=S.COMMITS.schema)))
-        # Replaced files are hidden from now on; their bytes can go.
-        storage.delete_many(rels)
-        cache.forget(rels)
+        # The replaced files are hidden now; their bytes stay until ``purge`` finds the commit
+        # older than the grace period, so a reader that listed them a moment ago can still read them.
         replaced += len(rels)
     return replaced

@@ -30,8 +30,11 @@ def polars_schema(tdef: S.TableDef) -> pl.Schema:
 
 
 def lower_is_better(metric: str) -> bool:
-    """True when a smaller score is better for ``metric`` (rmse, mae, mse ...)."""
-    return metric.lower().removeprefix("neg_") in LOWER_IS_BETTER
+    """True when a smaller score is better for ``metric`` (rmse, mae, mse ...).
+
+    scikit-learn's ``neg_*`` scorers are negated errors, so higher is better for them.
+    """
+    return metric.lower() in LOWER_IS_BETTER
 
 
 def _row_stamp(tdef: S.TableDef) -> pl.Expr:
@@ -43,7 +46,11 @@ def _row_stamp(tdef: S.TableDef) -> pl.Expr:
 def resolve(frame: pl.LazyFrame, tdef: S.TableDef, deletions: pl.LazyFrame) -> pl.LazyFrame:
     """Apply the read rules of the lake spec: latest version wins, deleted entities vanish."""
     if tdef.version_column:
-        frame = frame.sort(tdef.version_column).unique(subset=[tdef.key], keep="last", maintain_order=True)
+        # A stable sort keeps file-name, then row order among equal stamps: the same tie-break
+        # as the SQL views (lake spec §5.1).
+        frame = frame.sort(tdef.version_column, maintain_order=True).unique(
+            subset=[tdef.key], keep="last", maintain_order=True
+        )
     if "run_id" in tdef.schema.names:
         dead_runs = deletions.filter(pl.col("kind") == "run").select(pl.col("entity_id").alias("run_id"))
         frame = frame.join(dead_runs, on="run_id", how="anti")
@@ -103,6 +110,7 @@ def _scan_files(storage: Storage, tdef: S.TableDef, rels: Sequence[str]) -> pl.L
         missing_columns="insert",
         extra_columns="ignore",
         hive_partitioning=False,
+        glob=False,  # explicit file names: brackets in a workspace path are not patterns
         storage_options=storage.storage_options or None,
     )
 

@@ -80,7 +80,20 @@ class Storage:
             return []
         return sorted(self.relative(f) for f in files if f.endswith(suffix))
 
+    def modified_us(self, rel: str) -> int | None:
+        """Last modification time in µs since the epoch, or None when the file is gone."""
+        try:
+            if self.is_local:
+                return os.stat(self.path(rel)).st_mtime_ns // 1000
+            return int(self.fs.modified(self.path(rel)).timestamp() * 1e6)
+        except FileNotFoundError:
+            return None
+
     # -- writing -------------------------------------------------------------
+    def touch(self, rel: str) -> None:
+        """Refresh a local file's modification time (used to mark an object as in use)."""
+        os.utime(self.path(rel))
+
     def publish(self, rel: str, data: bytes, overwrite: bool = False) -> None:
         """Make ``data`` appear at ``rel`` whole or not at all, and durable once this returns."""
         target = self.path(rel)

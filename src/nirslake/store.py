@@ -7,6 +7,7 @@ reads flush first, then apply the lake's read rules, so a process always sees it
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -30,11 +31,29 @@ from .storage import Storage
 from .tables import CLOCK, FileCache, commit_state, new_id, read_files, to_parquet_bytes, visible_files
 from .writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, LakeWriter, flush_left_open
 
+# How long gc_artifacts and vacuum leave alone what another writer or reader may still use.
+DEFAULT_GRACE_SECONDS = 3600.0
+
 _PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "branch_id", "pipeline_id", "run_id")
 
 
 def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, default=_json_default)
+    """Strict JSON: NaN and infinities become null (Python's json would write invalid ``NaN``)."""
+    return None if value is None else json.dumps(_finite(value), default=_json_default, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.floating):
+        return _finite(float(value))
+    if isinstance(value, np.ndarray):
+        return _finite(value.tolist())
+    return value
 
 
 def _json_default(value: Any) -> Any:
@@ -52,12 +71,16 @@ def _unjson(value: str | None) -> Any:
 
 
 def _opt_float(name: str, value: Any) -> float | None:
+    """A float, or None; NaN is stored as null so it ranks last (infinities are kept)."""
     if value is None:
         return None
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{name} must be a number or None, got {value!r}")
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number or None, got {value!r}") from None
+    return None if math.isnan(number) else number
 
 
 def _opt_int(name: str, value: Any) -> int | None:
@@ -91,6 +114,10 @@ class WorkspaceStore:
     ``fail_pipeline``, ``complete_run``, ``fail_run`` and ``close()`` are durability points:
     once one returns, everything saved before it survives a crash of the process.
     One instance may be shared by threads; any number of processes may write one workspace.
+
+    ``grace_seconds`` protects what another writer may still be using: ``gc_artifacts`` keeps
+    artifacts recorded more recently than that, and ``vacuum`` keeps the bytes of files hidden
+    more recently than that (lake spec §4, §7).
     """
 
     def __init__(
@@ -99,6 +126,7 @@ class WorkspaceStore:
         storage_options: dict | None = None,
         flush_bytes: int = DEFAULT_FLUSH_BYTES,
         flush_rows: int = DEFAULT_FLUSH_ROWS,
+        grace_seconds: float = DEFAULT_GRACE_SECONDS,
     ) -> None:
         self._storage = Storage(workspace_path, storage_options)
         self._workspace_path: Path | str = (
@@ -107,6 +135,7 @@ class WorkspaceStore:
         self._lock = threading.RLock()
         self._cache = FileCache()
         self._writer = LakeWriter(self._storage, flush_bytes, flush_rows)
+        self._grace_us = int(grace_seconds * 1e6)
         # What this process wrote, so hot-path writes never scan the lake to find a parent.
         self._known_runs: dict[str, dict] = {}
         self._known_pipelines: dict[str, dict] = {}
@@ -141,11 +170,11 @@ class WorkspaceStore:
         with self._lock:
             if self._closed:
                 return
-            try:
-                self._flush_locked()
-            finally:
-                self._closed = True
-                self._finalizer.detach()
+            # Closed only once the buffer is written: a failed flush leaves the store open, so
+            # close() can be retried and the exit hook still holds the rows.
+            self._flush_locked()
+            self._closed = True
+            self._finalizer.detach()
 
     def __enter__(self) -> "WorkspaceStore":
         return self
@@ -173,9 +202,10 @@ class WorkspaceStore:
         self._writer.add(table, row)
 
     # ------------------------------------------------------------------ reading
-    def _frame(self, tdef: S.TableDef, dataset_name: str | None = None) -> pl.LazyFrame:
+    def _frame(self, tdef: S.TableDef, dataset_name: str | None = None, flush: bool = True) -> pl.LazyFrame:
         """The table's current rows (read rules applied), after flushing this process's writes."""
-        self._flush_locked()
+        if flush:
+            self._flush_locked()
         state = commit_state(self._storage, self._cache)
         part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
         frame = pl.from_arrow(read_files(self._storage, tdef, self._cache, visible_files(self._storage, tdef, self._cache, part, state))).lazy()
@@ -186,8 +216,8 @@ class WorkspaceStore:
         ).lazy()
         return resolve(frame, tdef, deletions)
 
-    def _row(self, tdef: S.TableDef, key: str) -> dict | None:
-        rows = self._frame(tdef).filter(pl.col(tdef.key) == key).collect()
+    def _row(self, tdef: S.TableDef, key: str, flush: bool = True) -> dict | None:
+        rows = self._frame(tdef, flush=flush).filter(pl.col(tdef.key) == key).collect()
         return rows.row(0, named=True) if rows.height else None
 
     def _public(self, frame: pl.DataFrame) -> pl.DataFrame:
@@ -197,13 +227,25 @@ class WorkspaceStore:
         row = self._known_runs.get(run_id) or self._row(S.RUNS, run_id)
         if row is None:
             raise KeyError(f"unknown run_id {run_id!r}")
+        self._known_runs[run_id] = row
         return row
 
     def _require_pipeline(self, pipeline_id: str) -> dict:
         row = self._known_pipelines.get(pipeline_id) or self._row(S.PIPELINES, pipeline_id)
         if row is None:
             raise KeyError(f"unknown pipeline_id {pipeline_id!r}")
+        self._known_pipelines[pipeline_id] = row
         return row
+
+    def _prediction_owner(self, prediction_id: str) -> tuple[str, str] | None:
+        """(run_id, dataset_name) of a prediction; looked up without flushing, then remembered."""
+        owner = self._known_predictions.get(prediction_id)
+        if owner is None:
+            row = self._row(S.PREDICTIONS, prediction_id, flush=False)
+            if row is None:
+                return None
+            owner = self._known_predictions[prediction_id] = (row["run_id"], row["dataset_name"])
+        return owner
 
     # ------------------------------------------------------------------ runs
     def begin_run(self, name: str, config: Any, datasets: list[dict]) -> str:
@@ -378,8 +420,7 @@ class WorkspaceStore:
             pipeline = self._require_pipeline(pipeline_id)
             if not isinstance(steps, (list, tuple)):
                 raise TypeError(f"steps must be a list of dicts, got {type(steps).__name__}")
-            fold_artifacts = dict(fold_artifacts or {})
-            shared_artifacts = {str(k): list(v) for k, v in (shared_artifacts or {}).items()}
+            fold_artifacts, shared_artifacts = _artifact_maps(fold_artifacts, shared_artifacts)
             held = set(fold_artifacts.values())
             for ids in shared_artifacts.values():
                 held.update(ids)
@@ -454,9 +495,19 @@ class WorkspaceStore:
             self._check_open()
             pipeline = self._require_pipeline(pipeline_id)
             _text("dataset_name", dataset_name, allow_none=False)
-            pid = new_id() if prediction_id is None else _text("prediction_id", prediction_id, allow_none=False)
-            if not pid:
-                raise ValueError("prediction_id must not be empty")
+            if prediction_id is None:
+                pid = new_id()
+            else:
+                pid = _text("prediction_id", prediction_id, allow_none=False)
+                if not pid:
+                    raise ValueError("prediction_id must not be empty")
+                owner = self._prediction_owner(pid)
+                if owner is not None and owner[1] != dataset_name:
+                    # A key lives in one dataset partition; moving it would let pruned reads disagree.
+                    raise ValueError(
+                        f"prediction_id {pid!r} already belongs to dataset {owner[1]!r}; "
+                        f"it cannot be saved again under {dataset_name!r} (delete it first)"
+                    )
             row = {
                 "prediction_id": pid,
                 "pipeline_id": pipeline_id,
@@ -499,12 +550,12 @@ class WorkspaceStore:
         """Attach dense arrays to a prediction (a later call replaces them)."""
         with self._lock:
             self._check_open()
-            owner = self._known_predictions.get(prediction_id)
+            owner = self._prediction_owner(prediction_id)
             if owner is None:
-                row = self._row(S.PREDICTIONS, prediction_id)
-                if row is None:
-                    raise KeyError(f"unknown prediction_id {prediction_id!r}")
-                owner = (row["run_id"], row["dataset_name"])
+                self._flush_locked()  # it may sit in this process's buffer
+                owner = self._prediction_owner(prediction_id)
+            if owner is None:
+                raise KeyError(f"unknown prediction_id {prediction_id!r}")
             arrays = check_arrays(y_true, y_pred, y_proba, sample_indices, weights)
             self._writer.add_arrays(
                 {"prediction_id": prediction_id, "run_id": owner[0], "dataset_name": owner[1], "_version": CLOCK.now_us(), **arrays}
@@ -604,21 +655,22 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             digest, rel = art.put_object(self._storage, data)
-            if digest not in self._known_artifacts:
-                self._buffer(
-                    "artifacts",
-                    {
-                        "artifact_id": digest,
-                        "content_hash": digest,
-                        "path": rel,
-                        "operator_class": _text("operator_class", operator_class),
-                        "artifact_type": _text("artifact_type", artifact_type),
-                        "format": format,
-                        "size_bytes": len(data),
-                        "created_at": CLOCK.now_us(),
-                    },
-                )
-                self._known_artifacts.add(digest)
+            # Recorded on every save (one row each, resolved to one artifact), so a record that a
+            # concurrent gc hid comes back with the next save of the same object.
+            self._buffer(
+                "artifacts",
+                {
+                    "artifact_id": digest,
+                    "content_hash": digest,
+                    "path": rel,
+                    "operator_class": _text("operator_class", operator_class),
+                    "artifact_type": _text("artifact_type", artifact_type),
+                    "format": format,
+                    "size_bytes": len(data),
+                    "created_at": CLOCK.now_us(),
+                },
+            )
+            self._known_artifacts.add(digest)
             return digest
 
     def register_existing_artifact(
@@ -688,36 +740,46 @@ class WorkspaceStore:
     def gc_artifacts(self) -> int:
         """Remove artifacts that no live chain (of a pipeline not failed, in a run not deleted) holds.
 
-        Returns how many artifact records were removed. Objects go once no kept record points at them.
+        Artifacts recorded, or objects saved again, within ``grace_seconds`` are kept: another
+        writer may be about to reference them. Returns how many artifacts were removed; their
+        bytes go once no kept artifact points at them.
         """
         with self._lock:
             self._check_open()
             live_pipelines = self._frame(S.PIPELINES).filter(pl.col("status") != "failed").select("pipeline_id")
-            held = (
+            held = set(
                 self._frame(S.CHAINS)
                 .join(live_pipelines, on="pipeline_id", how="semi")
-                .select(pl.col("artifact_ids").explode().alias("artifact_id"))
+                .select(pl.col("artifact_ids").explode())
                 .drop_nulls()
-                .unique()
+                .collect()["artifact_ids"]
+                .to_list()
             )
             artifacts = self._frame(S.ARTIFACTS).collect()
-            held_ids = set(held.collect()["artifact_id"].to_list())
-            doomed = artifacts.filter(~pl.col("artifact_id").is_in(list(held_ids)))
-            if doomed.height == 0:
+            cutoff = CLOCK.now_us() - self._grace_us
+            unheld = artifacts.filter(
+                ~pl.col("artifact_id").is_in(list(held)) & (pl.col("created_at").dt.epoch("us") < cutoff)
+            )
+            doomed = [
+                row
+                for row in unheld.rows(named=True)
+                if not _is_object(row["path"]) or (self._storage.modified_us(row["path"]) or 0) < cutoff
+            ]
+            if not doomed:
                 return 0
             now = CLOCK.now_us()
-            for artifact_id in doomed["artifact_id"].to_list():
-                self._buffer("deletions", {"kind": "artifact", "entity_id": artifact_id, "deleted_at": now})
-                self._known_artifacts.discard(artifact_id)
+            for row in doomed:
+                self._buffer("deletions", {"kind": "artifact", "entity_id": row["artifact_id"], "deleted_at": now})
+                self._known_artifacts.discard(row["artifact_id"])
             # The deletion records land first: a crash after this leaves orphan bytes, never a
             # record pointing at missing bytes.
             self._flush_locked()
-            kept = artifacts.filter(pl.col("artifact_id").is_in(list(held_ids)))
-            kept_paths = set(kept["path"].to_list())
-            for rel in set(doomed["path"].to_list()) - kept_paths:
-                if rel.startswith(art.OBJECTS_DIR + "/"):
+            doomed_ids = {row["artifact_id"] for row in doomed}
+            kept_paths = set(artifacts.filter(~pl.col("artifact_id").is_in(list(doomed_ids)))["path"].to_list())
+            for rel in {row["path"] for row in doomed} - kept_paths:
+                if _is_object(rel):
                     self._storage.delete(rel)
-            return doomed.height
+            return len(doomed)
 
     # ------------------------------------------------------------------ logs
     def log_step(
@@ -888,8 +950,12 @@ class WorkspaceStore:
             return count
 
     def vacuum(self) -> None:
-        """Reclaim space: rewrite each table's files without deleted or superseded rows."""
-        from .maintenance import compact_table
+        """Reclaim space: merge each partition's files without deleted or superseded rows.
+
+        Readers never see the swap (lake spec §4). The replaced files' bytes are deleted by a
+        later vacuum, once hidden for longer than ``grace_seconds``.
+        """
+        from .maintenance import compact_table, purge
 
         with self._lock:
             self._check_open()
@@ -897,6 +963,7 @@ class WorkspaceStore:
             for tdef in S.TABLES.values():
                 if tdef.name not in ("commits", "deletions"):
                     compact_table(self._storage, self._cache, tdef)
+            purge(self._storage, self._cache, CLOCK.now_us() - self._grace_us)
 
     # ------------------------------------------------------------------ SQL and catalog
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
@@ -908,10 +975,10 @@ class WorkspaceStore:
             self._check_open()
             self._flush_locked()
             con = catalog.connect(self._storage)
-        try:
-            return con.execute(query, params or []).pl()
-        finally:
-            con.close()
+            try:
+                return con.execute(query, params or []).pl()
+            finally:
+                con.close()
 
     def leaderboard(self, n: int = 5) -> pl.DataFrame:
         """The best ``n`` chains of each dataset by mean validation score over folds (the ``leaderboard`` view)."""
@@ -942,6 +1009,24 @@ class WorkspaceStore:
         predictions = [np.asarray(self.load_artifact(a).predict(data), dtype=np.float64).reshape(len(data), -1) for a in fold_ids]
         mean = np.mean(predictions, axis=0)
         return mean.ravel() if mean.shape[1] == 1 else mean
+
+
+def _artifact_maps(fold_artifacts: Any, shared_artifacts: Any) -> tuple[dict, dict]:
+    """Check the chain's artifact maps: ``{"fold_0": id}`` and ``{"<step_idx>": [id, ...]}``."""
+    if not isinstance(fold_artifacts or {}, dict) or not all(
+        isinstance(v, str) or v is None for v in (fold_artifacts or {}).values()
+    ):
+        raise TypeError(f'fold_artifacts must map fold names to one artifact id each, like {{"fold_0": id}}; got {fold_artifacts!r}')
+    if not isinstance(shared_artifacts or {}, dict) or not all(
+        isinstance(v, (list, tuple)) and all(isinstance(i, str) for i in v) for v in (shared_artifacts or {}).values()
+    ):
+        raise TypeError(f'shared_artifacts must map step indices to lists of artifact ids, like {{"0": [id]}}; got {shared_artifacts!r}')
+    return dict(fold_artifacts or {}), {str(k): list(v) for k, v in (shared_artifacts or {}).items()}
+
+
+def _is_object(path: str) -> bool:
+    """True for bytes the store manages under ``objects/`` (registered files are never deleted)."""
+    return path.startswith(art.OBJECTS_DIR + "/")
 
 
 def _filter_exprs(filters: dict[str, Any]) -> list[pl.Expr]:

@@ -59,9 +59,10 @@ def encode_partition_value(value: str | None) -> str:
     """
     if value is None:
         return "__null__"
-    encoded = urllib.parse.quote(value, safe="")
+    # quote() leaves "~" alone; the spec's safe set is [A-Za-z0-9_.-] only.
+    encoded = urllib.parse.quote(value, safe="").replace("~", "%7E")
     if encoded in ("", ".", ".."):
-        encoded = "%" + "".join(f"{b:02X}" for b in value.encode()) if value else "__empty__"
+        encoded = "".join(f"%{b:02X}" for b in value.encode()) if value else "__empty__"
     if len(encoded) > MAX_PARTITION_NAME:
         import hashlib
 
@@ -143,15 +144,22 @@ class FileCache:
 
 
 def commit_state(storage: Storage, cache: FileCache) -> tuple[set[str], set[str]]:
-    """File names (basenames) made visible and hidden by compaction commits."""
+    """File names (basenames) made visible and hidden by the compaction commits that count.
+
+    A commit counts unless an earlier one (by ``commit_id``) already replaced one of the same
+    files: of two compactions racing over the same files, the first wins (lake spec §4).
+    """
+    commits = read_files(storage, COMMITS, cache, storage.list_files(COMMITS.dir)).sort_by("commit_id")
     added: set[str] = set()
     removed: set[str] = set()
-    for rel in storage.list_files(COMMITS.dir):
-        commits = cache.read(storage, rel, COMMITS.schema)
-        for names in commits.column("added").to_pylist():
-            added.update(names or ())
-        for names in commits.column("removed").to_pylist():
-            removed.update(names or ())
+    named_before: set[str] = set()  # files any earlier commit replaced, counted or not (as in SQL)
+    for new_files, old_files in zip(commits.column("added").to_pylist(), commits.column("removed").to_pylist()):
+        old_files = set(old_files or ())
+        counts = not (old_files & named_before)
+        named_before |= old_files
+        if counts:
+            added.update(new_files or ())
+            removed |= old_files
     return added, removed
 
 
@@ -179,3 +187,12 @@ def read_files(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[st
     if not rels:
         return tdef.schema.empty_table()
     return pa.concat_tables([cache.read(storage, rel, tdef.schema) for rel in rels])
+
+
+def file_stamp(name: str) -> int:
+    """The µs stamp in a data file's name (``part-<14 hex>-...``, ``compact-<14 hex>-...``)."""
+    stem = name.split("-", 1)[1] if "-" in name else ""
+    try:
+        return int(stem.split("-", 1)[0], 16)
+    except ValueError:
+        return 0

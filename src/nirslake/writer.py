@@ -14,8 +14,12 @@ from .arrays import list_column, matrix_column, nbytes
 from .storage import Storage
 from .tables import write_table
 
-# Parents before children: a crash midway never leaves a prediction whose pipeline is missing.
-FLUSH_ORDER = ("runs", "pipelines", "artifacts", "chains", "predictions", "prediction_arrays", "logs", "deletions")
+# Parents before children, status changes after them: a crash midway never leaves a prediction
+# whose pipeline is missing, nor a pipeline marked completed whose results are missing.
+FLUSH_ORDER = (
+    "runs:open", "pipelines:open", "artifacts", "chains", "predictions", "prediction_arrays", "logs",
+    "runs:final", "pipelines:final", "deletions",
+)
 
 DEFAULT_FLUSH_BYTES = 64 * 1024 * 1024
 DEFAULT_FLUSH_ROWS = 50_000
@@ -37,6 +41,8 @@ class LakeWriter:
         self._pending = 0
 
     def add(self, table: str, row: dict) -> None:
+        if table in ("runs", "pipelines"):
+            table = f"{table}:{'open' if row['status'] == 'running' else 'final'}"
         self._rows[table].append(row)
         self._pending += 1
         if self._pending >= self.flush_rows:
@@ -55,20 +61,26 @@ class LakeWriter:
         return self._pending
 
     def flush(self) -> None:
-        """Write everything buffered; once this returns it is durable (lake spec §3)."""
+        """Write everything buffered; once this returns it is durable (lake spec §3, §6).
+
+        A buffer is emptied only after its files are published, so a failed flush keeps what it
+        could not write for the next attempt.
+        """
         if not self._pending:
             return
         for name in FLUSH_ORDER:
             if name == "prediction_arrays":
                 if self._arrays:
                     write_table(self.storage, S.PREDICTION_ARRAYS, self._pack_arrays())
+                    self._pending -= len(self._arrays)
                     self._arrays, self._array_bytes = [], 0
                 continue
             rows = self._rows[name]
             if rows:
-                write_table(self.storage, S.TABLES[name], pa.Table.from_pylist(rows, schema=S.TABLES[name].schema))
+                tdef = S.TABLES[name.split(":")[0]]
+                write_table(self.storage, tdef, pa.Table.from_pylist(rows, schema=tdef.schema))
+                self._pending -= len(rows)
                 self._rows[name] = []
-        self._pending = 0
 
     def _pack_arrays(self) -> pa.Table:
         rows = self._arrays
