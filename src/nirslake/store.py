@@ -272,23 +272,27 @@ class WorkspaceStore:
             self._buffer("runs", row)
             return row["run_id"]
 
-    def _update_run(self, run_id: str, **changes: Any) -> None:
+    def _finish(self, table: str, key: str, **changes: Any) -> None:
+        """Append the run's or pipeline's next version (a new status) and make it durable."""
         with self._lock:
             self._check_open()
-            row = dict(self._require_run(run_id))
+            require, known = (
+                (self._require_run, self._known_runs) if table == "runs" else (self._require_pipeline, self._known_pipelines)
+            )
+            row = dict(require(key))
             now = CLOCK.now_us()
             row.update(changes, completed_at=now, _version=now)
-            self._known_runs[run_id] = row
-            self._buffer("runs", row)
+            known[key] = row
+            self._buffer(table, row)
             self._flush_locked()
 
     def complete_run(self, run_id: str, summary: dict) -> None:
         """Mark the run ``completed`` with its summary: a durability point."""
-        self._update_run(run_id, status="completed", summary=_json(summary))
+        self._finish("runs", run_id, status="completed", summary=_json(summary))
 
     def fail_run(self, run_id: str, error: str) -> None:
         """Mark the run ``failed`` and keep ``error``: a durability point."""
-        self._update_run(run_id, status="failed", error=str(error))
+        self._finish("runs", run_id, status="failed", error=str(error))
 
     def get_run(self, run_id: str) -> dict | None:
         """The run as a dict (JSON fields decoded), or None."""
@@ -352,19 +356,10 @@ class WorkspaceStore:
             self._buffer("pipelines", row)
             return row["pipeline_id"]
 
-    def _update_pipeline(self, pipeline_id: str, **changes: Any) -> None:
-        with self._lock:
-            self._check_open()
-            row = dict(self._require_pipeline(pipeline_id))
-            now = CLOCK.now_us()
-            row.update(changes, completed_at=now, _version=now)
-            self._known_pipelines[pipeline_id] = row
-            self._buffer("pipelines", row)
-            self._flush_locked()
-
     def complete_pipeline(self, pipeline_id: str, best_val: float, best_test: float, metric: str, duration_ms: int) -> None:
         """Mark the pipeline ``completed`` with its best scores: a durability point."""
-        self._update_pipeline(
+        self._finish(
+            "pipelines",
             pipeline_id,
             status="completed",
             best_val=_opt_float("best_val", best_val),
@@ -375,7 +370,7 @@ class WorkspaceStore:
 
     def fail_pipeline(self, pipeline_id: str, error: str) -> None:
         """Mark the pipeline ``failed``: its chains stop holding artifacts. A durability point."""
-        self._update_pipeline(pipeline_id, status="failed", error=str(error))
+        self._finish("pipelines", pipeline_id, status="failed", error=str(error))
 
     def get_pipeline(self, pipeline_id: str) -> dict | None:
         """The pipeline as a dict (JSON fields decoded), or None."""
