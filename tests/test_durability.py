@@ -59,7 +59,8 @@ STREAM_WRITER = textwrap.dedent(
     import numpy as np
     from nirslake import WorkspaceStore
 
-    store = WorkspaceStore(sys.argv[1])
+    # Publish every few pipelines, so readers meet files landing all the time.
+    store = WorkspaceStore(sys.argv[1], flush_seconds=0.02)
     run = store.begin_run("stream", {}, [{"name": "corn"}])
     for i in range(int(sys.argv[2])):
         pipe = store.begin_pipeline(run, f"p{i}", {}, {}, "corn", "h")

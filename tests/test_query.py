@@ -29,6 +29,7 @@ def _sweep(store: WorkspaceStore, datasets=("wheat", "corn"), chains=3, folds=4)
                                                 2.0, 0.5, "rmse", "regression", 30, 10, {}, {}, None, None, 0, 0.0)
                     store.save_prediction_arrays(pid, np.arange(30.0), np.arange(30.0) + c)
             store.complete_pipeline(pipe, 1.0 + c, 2.0, "rmse", 5)
+    store.flush()  # publish, so scans from outside the store see the sweep
 
 
 def test_scan_returns_the_same_rows_as_the_store(store, workspace):
@@ -44,6 +45,7 @@ def test_scan_applies_latest_wins_and_deletions(store, workspace):
     _sweep(store, datasets=("wheat",), chains=1, folds=1)
     run_id = store.list_runs()["run_id"][0]
     store.complete_run(run_id, {"best": 1.0})
+    store.flush()
     runs = q.scan(workspace, "runs").collect()
     assert runs.height == 1 and runs["status"][0] == "completed"
     victim = store.query_predictions()["prediction_id"][0]

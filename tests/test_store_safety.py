@@ -113,8 +113,9 @@ def test_flush_writes_status_changes_after_the_results_they_summarise(workspace,
         return real(storage, tdef, table, *a, **kw)
 
     monkeypatch.setattr(writer_module, "write_table", failing)
+    store.complete_pipeline(pipe, 0.1, 0.2, "rmse", 5)  # durable in the journal
     with pytest.raises(OSError, match="disk full"):
-        store.complete_pipeline(pipe, 0.1, 0.2, "rmse", 5)
+        store.flush()  # publishing fails half-way
     monkeypatch.setattr(writer_module, "write_table", real)
     reader = WorkspaceStore(workspace)
     assert reader.get_pipeline(pipe)["status"] == "running"
@@ -128,7 +129,7 @@ def test_flush_writes_status_changes_after_the_results_they_summarise(workspace,
 def test_a_failed_close_keeps_the_store_open_and_its_rows(workspace, monkeypatch):
     store = WorkspaceStore(workspace)
     run, pipe = _pipeline(store)
-    monkeypatch.setattr(LakeWriter, "flush", lambda self: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(LakeWriter, "publish", lambda self: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         store.close()
     monkeypatch.undo()

@@ -53,6 +53,8 @@ def check_arrays(y_true, y_pred, y_proba=None, sample_indices=None, weights=None
 
 def list_column(values: Sequence[np.ndarray | None], value_type: pa.DataType) -> pa.Array:
     """A ``list<value_type>`` column from 1-D arrays (None -> null)."""
+    if all(v is None for v in values):
+        return pa.nulls(len(values), pa.list_(value_type))
     lengths = np.fromiter((0 if v is None else len(v) for v in values), dtype=np.int64, count=len(values))
     offsets = np.zeros(len(values) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -66,6 +68,8 @@ def list_column(values: Sequence[np.ndarray | None], value_type: pa.DataType) ->
 
 def matrix_column(values: Sequence[np.ndarray | None]) -> pa.Array:
     """A ``list<list<double>>`` column from 2-D arrays: one inner list per sample."""
+    if all(v is None for v in values):
+        return pa.nulls(len(values), pa.list_(pa.list_(pa.float64())))
     rows_per = np.fromiter((0 if v is None else v.shape[0] for v in values), dtype=np.int64, count=len(values))
     outer = np.zeros(len(values) + 1, dtype=np.int32)
     np.cumsum(rows_per, out=outer[1:])

@@ -25,10 +25,13 @@ class Storage:
     so the object is written straight to its final key.
     """
 
-    def __init__(self, workspace: str | os.PathLike, storage_options: dict | None = None):
+    def __init__(self, workspace: str | os.PathLike, storage_options: dict | None = None, fsync: bool = False):
         url = os.fspath(workspace)
         self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.storage_options = dict(storage_options or {})
+        # Without fsync a published file survives a crash of the process (it is in the OS);
+        # with it, also a crash of the machine.
+        self.fsync = fsync
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local:
             root = os.path.abspath(root)
@@ -95,7 +98,10 @@ class Storage:
         os.utime(self.path(rel))
 
     def publish(self, rel: str, data: bytes, overwrite: bool = False) -> None:
-        """Make ``data`` appear at ``rel`` whole or not at all, and durable once this returns."""
+        """Make ``data`` appear at ``rel`` whole or not at all, and durable once this returns.
+
+        Durable means: surviving a crash of this process, or of the machine with ``fsync``.
+        """
         target = self.path(rel)
         if not self.is_local:
             mode = "wb" if overwrite else "create"
@@ -111,8 +117,9 @@ class Storage:
         tmp = os.path.join(staging_dir, f"{uuid.uuid4().hex}.tmp")
         with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if self.fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
         target_dir = os.path.dirname(target)
         os.makedirs(target_dir, exist_ok=True)
         if overwrite:
@@ -126,7 +133,8 @@ class Storage:
                 pass
             finally:
                 os.unlink(tmp)
-        _fsync_dir(target_dir)
+        if self.fsync:
+            _fsync_dir(target_dir)
 
     def delete(self, rel: str) -> bool:
         try:

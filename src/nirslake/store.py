@@ -29,7 +29,8 @@ from .arrays import ARRAY_FIELDS, check_arrays, to_numpy
 from .query import resolve, top_k
 from .storage import Storage
 from .tables import CLOCK, FileCache, commit_state, new_id, read_files, to_parquet_bytes, visible_files
-from .writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, LakeWriter, flush_left_open
+from .journal import orphaned_segments
+from .writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, DEFAULT_FLUSH_SECONDS, LakeWriter, flush_left_open, publish_segment
 
 # How long gc_artifacts and vacuum leave alone what another writer or reader may still use.
 DEFAULT_GRACE_SECONDS = 3600.0
@@ -39,7 +40,14 @@ _PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "b
 
 def _json(value: Any) -> str | None:
     """Strict JSON: NaN and infinities become null (Python's json would write invalid ``NaN``)."""
-    return None if value is None else json.dumps(_finite(value), default=_json_default, allow_nan=False)
+    if value is None:
+        return None
+    if not value and isinstance(value, (dict, list)):
+        return "{}" if isinstance(value, dict) else "[]"
+    try:
+        return json.dumps(value, default=_json_default, allow_nan=False)
+    except ValueError:  # a NaN or infinity somewhere: rare, so only then walk the value
+        return json.dumps(_finite(value), default=_json_default, allow_nan=False)
 
 
 def _finite(value: Any) -> Any:
@@ -112,7 +120,10 @@ class WorkspaceStore:
     ``workspace_path`` is a local folder or an fsspec URL (``s3://bucket/prefix``); it is
     created when missing. Per-record writes are buffered; ``flush()``, ``complete_pipeline``,
     ``fail_pipeline``, ``complete_run``, ``fail_run`` and ``close()`` are durability points:
-    once one returns, everything saved before it survives a crash of the process.
+    once one returns, everything saved before it survives a crash of the process (with
+    ``fsync=True``, also a crash of the machine). Other processes see the records once they are
+    published as Parquet: at ``flush()``, ``close()``, any read, and at least every
+    ``flush_seconds`` or ``flush_bytes`` of a writer that keeps writing (lake spec §6).
     One instance may be shared by threads; any number of processes may write one workspace.
 
     ``grace_seconds`` protects what another writer may still be using: ``gc_artifacts`` keeps
@@ -127,14 +138,16 @@ class WorkspaceStore:
         flush_bytes: int = DEFAULT_FLUSH_BYTES,
         flush_rows: int = DEFAULT_FLUSH_ROWS,
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
+        flush_seconds: float = DEFAULT_FLUSH_SECONDS,
+        fsync: bool = False,
     ) -> None:
-        self._storage = Storage(workspace_path, storage_options)
+        self._storage = Storage(workspace_path, storage_options, fsync=fsync)
         self._workspace_path: Path | str = (
             Path(self._storage.root) if self._storage.is_local else os.fspath(workspace_path)
         )
         self._lock = threading.RLock()
         self._cache = FileCache()
-        self._writer = LakeWriter(self._storage, flush_bytes, flush_rows)
+        self._writer = LakeWriter(self._storage, flush_bytes, flush_rows, flush_seconds, fsync)
         self._grace_us = int(grace_seconds * 1e6)
         # What this process wrote, so hot-path writes never scan the lake to find a parent.
         self._known_runs: dict[str, dict] = {}
@@ -164,6 +177,9 @@ class WorkspaceStore:
             if not self._storage.exists(rel):
                 self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()))
         catalog.ensure_catalog(self._storage)
+        # Records a crashed writer made durable but never published (lake spec §6).
+        for segment in orphaned_segments(self._storage):
+            publish_segment(self._storage, segment)
 
     def close(self) -> None:
         """Flush what is buffered and release the store. Idempotent."""
@@ -172,7 +188,7 @@ class WorkspaceStore:
                 return
             # Closed only once the buffer is written: a failed flush leaves the store open, so
             # close() can be retried and the exit hook still holds the rows.
-            self._flush_locked()
+            self._publish()
             self._closed = True
             self._finalizer.detach()
 
@@ -190,13 +206,13 @@ class WorkspaceStore:
             raise RuntimeError("this WorkspaceStore is closed; open a new WorkspaceStore(workspace) to continue")
 
     def flush(self) -> None:
-        """Write every buffered record as new Parquet files: a durability point."""
+        """Publish every record saved so far as Parquet files, visible to every reader: a durability point."""
         with self._lock:
             self._check_open()
-            self._flush_locked()
+            self._publish()
 
-    def _flush_locked(self) -> None:
-        self._writer.flush()
+    def _publish(self) -> None:
+        self._writer.publish()
 
     def _buffer(self, table: str, row: dict) -> None:
         self._writer.add(table, row)
@@ -205,7 +221,7 @@ class WorkspaceStore:
     def _frame(self, tdef: S.TableDef, dataset_name: str | None = None, flush: bool = True) -> pl.LazyFrame:
         """The table's current rows (read rules applied), after flushing this process's writes."""
         if flush:
-            self._flush_locked()
+            self._publish()
         state = commit_state(self._storage, self._cache)
         part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
         frame = pl.from_arrow(read_files(self._storage, tdef, self._cache, visible_files(self._storage, tdef, self._cache, part, state))).lazy()
@@ -284,7 +300,7 @@ class WorkspaceStore:
             row.update(changes, completed_at=now, _version=now)
             known[key] = row
             self._buffer(table, row)
-            self._flush_locked()
+            self._writer.commit()
 
     def complete_run(self, run_id: str, summary: dict) -> None:
         """Mark the run ``completed`` with its summary: a durability point."""
@@ -547,7 +563,7 @@ class WorkspaceStore:
             self._check_open()
             owner = self._prediction_owner(prediction_id)
             if owner is None:
-                self._flush_locked()  # it may sit in this process's buffer
+                self._publish()  # it may sit in this process's buffer
                 owner = self._prediction_owner(prediction_id)
             if owner is None:
                 raise KeyError(f"unknown prediction_id {prediction_id!r}")
@@ -641,7 +657,7 @@ class WorkspaceStore:
     def _delete(self, kind: str, entity_id: str) -> None:
         """Append a deletion record and make it durable at once."""
         self._buffer("deletions", {"kind": kind, "entity_id": entity_id, "deleted_at": CLOCK.now_us()})
-        self._flush_locked()
+        self._publish()
 
     # ------------------------------------------------------------------ artifacts
     def save_artifact(self, obj: Any, operator_class: str, artifact_type: str, format: str) -> str:
@@ -768,7 +784,7 @@ class WorkspaceStore:
                 self._known_artifacts.discard(row["artifact_id"])
             # The deletion records land first: a crash after this leaves orphan bytes, never a
             # record pointing at missing bytes.
-            self._flush_locked()
+            self._publish()
             doomed_ids = {row["artifact_id"] for row in doomed}
             kept_paths = set(artifacts.filter(~pl.col("artifact_id").is_in(list(doomed_ids)))["path"].to_list())
             for rel in {row["path"] for row in doomed} - kept_paths:
@@ -954,7 +970,7 @@ class WorkspaceStore:
 
         with self._lock:
             self._check_open()
-            self._flush_locked()
+            self._publish()
             for tdef in S.TABLES.values():
                 if tdef.name not in ("commits", "deletions"):
                     compact_table(self._storage, self._cache, tdef)
@@ -968,7 +984,7 @@ class WorkspaceStore:
         """
         with self._lock:
             self._check_open()
-            self._flush_locked()
+            self._publish()
             con = catalog.connect(self._storage)
             try:
                 return con.execute(query, params or []).pl()

@@ -5,6 +5,7 @@ The rules implemented here are the ones written in docs/lake-spec.md; keep the t
 
 from __future__ import annotations
 
+import hashlib
 import io
 import posixpath
 import threading
@@ -64,8 +65,6 @@ def encode_partition_value(value: str | None) -> str:
     if encoded in ("", ".", ".."):
         encoded = "".join(f"%{b:02X}" for b in value.encode()) if value else "__empty__"
     if len(encoded) > MAX_PARTITION_NAME:
-        import hashlib
-
         digest = hashlib.sha256(value.encode()).hexdigest()[:16]
         encoded = f"{encoded[: MAX_PARTITION_NAME - 17]}~{digest}"
     return encoded
@@ -97,8 +96,14 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def write_table(storage: Storage, tdef: TableDef, table: pa.Table, prefix: str = DATA_PREFIX) -> list[str]:
-    """Publish ``table`` as new immutable files (one per partition); returns their relative paths."""
+def write_table(
+    storage: Storage, tdef: TableDef, table: pa.Table, prefix: str = DATA_PREFIX, seed: tuple[int, str] | None = None
+) -> list[str]:
+    """Publish ``table`` as new immutable files (one per partition); returns their relative paths.
+
+    With ``seed`` = (stamp, text) the names are derived from it instead of drawn at random, so
+    publishing the same rows twice (a journal segment replayed after a crash) is a no-op.
+    """
     if table.num_rows == 0:
         return []
     table = conform(table, tdef.schema)
@@ -113,7 +118,12 @@ def write_table(storage: Storage, tdef: TableDef, table: pa.Table, prefix: str =
             mask = pc.is_null(key) if value is None else pc.equal(key, value)
             groups.append((partition_dir(tdef, value), table.filter(mask)))
     for folder, part in groups:
-        rel = f"{folder}/{new_file_name(prefix)}"
+        if seed is None:
+            name = new_file_name(prefix)
+        else:
+            digest = hashlib.sha256(f"{seed[1]}/{folder}".encode()).hexdigest()[:32]
+            name = f"{prefix}{seed[0]:014x}-{digest}.parquet"
+        rel = f"{folder}/{name}"
         storage.publish(rel, to_parquet_bytes(part))
         written.append(rel)
     return written

@@ -1,0 +1,134 @@
+"""The per-process journal: durability points append framed Arrow batches to a local file.
+
+Publishing Parquet at every durability point would write several small files per pipeline;
+instead each writer appends to its own journal and publishes the lake files in bulk (spec §6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import uuid
+import zlib
+from typing import Iterator
+
+import pyarrow as pa
+
+from .storage import Storage
+from .tables import CLOCK
+
+JOURNAL_DIR = "_journal"
+SUFFIX = ".wal"
+_MAGIC = b"NLJ1"
+_HEADER = struct.Struct("<4sIQI")  # magic, name length, payload length, crc32 of payload
+
+
+def _frame(name: str, records: pa.Table | list[dict]) -> bytes:
+    """One frame: an Arrow IPC stream (dense arrays), or JSON rows (small metadata records,
+    several times cheaper to encode per durability point than building Arrow columns)."""
+    if isinstance(records, pa.Table):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, records.schema) as stream:
+            stream.write_table(records)
+        payload = b"A" + sink.getvalue().to_pybytes()
+    else:
+        payload = b"J" + json.dumps(records, separators=(",", ":")).encode()
+    key = name.encode()
+    return _HEADER.pack(_MAGIC, len(key), len(payload), zlib.crc32(payload)) + key + payload
+
+
+def read_frames(data: bytes) -> Iterator[tuple[str, pa.Table | list[dict]]]:
+    """The whole frames of a journal segment; a torn or corrupt tail (a crash mid-append) ends it."""
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        magic, key_len, size, crc = _HEADER.unpack_from(data, offset)
+        start = offset + _HEADER.size
+        end = start + key_len + size
+        if magic != _MAGIC or end > len(data):
+            return
+        payload = data[start + key_len : end]
+        if zlib.crc32(payload) != crc:
+            return
+        name = data[start : start + key_len].decode()
+        if payload[:1] == b"A":
+            yield name, pa.ipc.open_stream(payload[1:]).read_all()
+        else:
+            yield name, json.loads(payload[1:])
+        offset = end
+
+
+class Journal:
+    """Append-only segments ``_journal/<host>~<pid>~<uuid>~<opened µs, 14 hex>.wal`` of one writer.
+
+    A segment is never rewritten: once published to the lake it is deleted, and the next
+    durability point starts a new one.
+    """
+
+    def __init__(self, storage: Storage, fsync: bool = False):
+        if not storage.is_local:
+            raise ValueError("journals are kept on local workspaces only")
+        self.storage = storage
+        self.fsync = fsync
+        self.owner = f"{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:12]}"
+        self._fh = None
+        self.current: str | None = None
+        self.bytes = 0
+        self.opened_us = 0
+
+    def append(self, frames: list[tuple[str, pa.Table | list[dict]]]) -> None:
+        """Make ``frames`` durable: written (and fsynced when asked) before this returns."""
+        if not frames:
+            return
+        if self._fh is None:
+            os.makedirs(self.storage.path(JOURNAL_DIR), exist_ok=True)
+            self.opened_us = CLOCK.now_us()
+            self.current = f"{JOURNAL_DIR}/{self.owner}~{self.opened_us:014x}{SUFFIX}"
+            self._fh = open(self.storage.path(self.current), "ab")
+        data = b"".join(_frame(name, table) for name, table in frames)
+        self._fh.write(data)
+        self._fh.flush()  # into the OS: survives a crash of this process
+        if self.fsync:
+            os.fsync(self._fh.fileno())  # onto the disk: survives a crash of the machine
+        self.bytes += len(data)
+
+    def seal(self) -> str | None:
+        """Close the current segment and return it (None when empty); the next append starts another."""
+        if self._fh is None:
+            return None
+        self._fh.close()
+        self._fh = None
+        rel, self.current = self.current, None
+        self.bytes = 0
+        return rel
+
+
+def segment_stamp(rel: str) -> int:
+    """The µs stamp a segment was opened at (its name's last field); its lake files carry it."""
+    return int(os.path.basename(rel)[: -len(SUFFIX)].rsplit("~", 1)[1], 16)
+
+
+def orphaned_segments(storage: Storage) -> list[str]:
+    """Segments whose writer process is gone (same host, pid no longer running)."""
+    if not storage.is_local:
+        return []
+    host = socket.gethostname()
+    found = []
+    for rel in storage.list_files(JOURNAL_DIR, suffix=SUFFIX):
+        parts = os.path.basename(rel).split("~")
+        if len(parts) == 4 and parts[0] == host and parts[1].isdigit() and not _alive(int(parts[1])):
+            found.append(rel)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

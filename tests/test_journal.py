@@ -1,0 +1,85 @@
+"""The journal (lake spec §6): durable at once, published in bulk, recovered after a crash."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+
+import nirslake.query as q
+from nirslake import WorkspaceStore
+from nirslake.journal import JOURNAL_DIR, Journal, orphaned_segments, read_frames
+from nirslake.storage import Storage
+from nirslake.writer import publish_segment
+
+
+def _one_pipeline(store: WorkspaceStore, n: int = 3) -> str:
+    run = store.begin_run("r", {}, [])
+    pipe = store.begin_pipeline(run, "p", {}, {}, "wheat", "h")
+    for fold in range(n):
+        pid = store.save_prediction(pipe, None, "wheat", "m", "M", fold, "val", 0.1, 0.2, 0.3, "rmse", "regression",
+                                    4, 2, {}, {}, None, None, 0, 0.0)
+        store.save_prediction_arrays(pid, [1.0, 2.0, 3.0, 4.0], [1.1, 2.1, 2.9, 4.2])
+    store.complete_pipeline(pipe, 0.1, 0.2, "rmse", 7)
+    return pipe
+
+
+def test_frames_round_trip_and_a_torn_tail_is_ignored(workspace):
+    journal = Journal(Storage(workspace))
+    journal.append([("predictions", [{"prediction_id": "a"}]), ("prediction_arrays", pa.table({"x": [1.0, 2.0]}))])
+    journal.append([("logs", [{"log_id": "l1"}])])
+    path = Storage(workspace).path(journal.seal())
+    data = open(path, "rb").read()
+    frames = list(read_frames(data + data[:25]))  # a crash in the middle of a third append
+    assert [name for name, _ in frames] == ["predictions", "prediction_arrays", "logs"]
+    assert frames[1][1].column("x").to_pylist() == [1.0, 2.0]
+    corrupt = bytearray(data)
+    corrupt[-2] ^= 0xFF  # a flipped byte in the last frame's payload fails its checksum
+    assert [name for name, _ in read_frames(bytes(corrupt))] == ["predictions", "prediction_arrays"]
+
+
+def test_a_durability_point_is_in_the_journal_until_published(workspace):
+    with WorkspaceStore(workspace) as store:
+        _one_pipeline(store)
+        assert q.scan(workspace, "predictions").collect().height == 0  # not published yet
+        assert len(os.listdir(os.path.join(workspace, JOURNAL_DIR))) == 1
+        store.flush()
+        assert q.scan(workspace, "predictions").collect().height == 3
+        assert os.listdir(os.path.join(workspace, JOURNAL_DIR)) == []
+
+
+def test_a_writer_publishes_by_age_without_being_asked(workspace):
+    with WorkspaceStore(workspace, flush_seconds=0) as store:
+        _one_pipeline(store)
+        assert q.scan(workspace, "predictions").collect().height == 3
+
+
+def test_a_writer_publishes_by_size(workspace):
+    with WorkspaceStore(workspace, flush_bytes=1) as store:
+        _one_pipeline(store)
+        assert q.scan(workspace, "prediction_arrays").collect().height == 3
+
+
+def test_publishing_a_segment_twice_adds_nothing(workspace):
+    store = WorkspaceStore(workspace)
+    _one_pipeline(store)
+    segment = store._writer.journal.seal()
+    data = Storage(workspace).read_bytes(segment)
+    publish_segment(Storage(workspace), segment)
+    Storage(workspace).publish(segment, data)  # as if a crash came before the delete
+    publish_segment(Storage(workspace), segment)
+    assert q.scan(workspace, "predictions").collect().height == 3
+    assert q.scan(workspace, "prediction_arrays").collect().height == 3
+    store._writer._sealed.clear()
+    store.close()
+
+
+def test_only_segments_of_dead_processes_are_orphans(workspace):
+    storage = Storage(workspace)
+    mine = Journal(storage)
+    mine.append([("logs", [{"log_id": "x"}])])
+    dead = f"{JOURNAL_DIR}/{mine.owner.split('~')[0]}~999999999~abc~00000000000001.wal"
+    storage.publish(dead, b"")
+    other_host = f"{JOURNAL_DIR}/elsewhere~1~abc~00000000000001.wal"
+    storage.publish(other_host, b"")
+    assert orphaned_segments(storage) == [dead]
