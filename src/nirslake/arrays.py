@@ -87,12 +87,18 @@ def matrix_column(values: Sequence[np.ndarray | None]) -> pa.Array:
 
 
 def to_numpy(field: str, value: Any) -> np.ndarray | None:
-    """One stored array back as numpy: float64, ``sample_indices`` int64, ``y_proba`` 2-D."""
-    if value is None:
+    """One stored array back as numpy: float64, ``sample_indices`` int64, ``y_proba`` 2-D.
+
+    ``value`` is a Python list or an Arrow list scalar (converted without a Python list).
+    """
+    if value is None or (isinstance(value, pa.Scalar) and not value.is_valid):
         return None
     if field == "y_proba":
         return _matrix(value)
-    return np.asarray(value, dtype=np.int64 if field == "sample_indices" else np.float64)
+    dtype = np.int64 if field == "sample_indices" else np.float64
+    if isinstance(value, pa.ListScalar):
+        return value.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    return np.asarray(value, dtype=dtype)
 
 
 def _matrix(rows: Any) -> np.ndarray:

@@ -6,9 +6,11 @@ Every helper returns a ``polars.LazyFrame`` or ``DataFrame``; they read the same
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import polars as pl
+import pyarrow as pa
 
 from . import schema as S
 from .storage import Storage
@@ -68,6 +70,53 @@ def resolve(frame: pl.LazyFrame, tdef: S.TableDef, deletions: pl.LazyFrame) -> p
             .drop("_deleted_us")
         )
     return frame
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """The deletion records, indexed: dead run ids, and the latest deletion of each entity (µs)."""
+
+    runs: frozenset[str]
+    entities: dict[tuple[str, str], int]
+
+    @classmethod
+    def from_table(cls, deletions: pa.Table) -> "Deleted":
+        kinds = deletions.column("kind").to_pylist()
+        ids = deletions.column("entity_id").to_pylist()
+        stamps = deletions.column("deleted_at").cast(pa.int64()).to_pylist()
+        entities: dict[tuple[str, str], int] = {}
+        for kind, entity, stamp in zip(kinds, ids, stamps):
+            if kind != "run":
+                entities[(kind, entity)] = max(stamp, entities.get((kind, entity), stamp))
+        return cls(frozenset(e for k, e in zip(kinds, ids) if k == "run"), entities)
+
+
+def resolve_one(rows: pa.Table, tdef: S.TableDef, deleted: Deleted) -> dict | None:
+    """The current row among all stored rows of one key (in file, then row order), or None.
+
+    The same rules as ``resolve``, for single-key lookups that must not scan a table.
+    """
+    if rows.num_rows == 0:
+        return None
+    best = rows.num_rows - 1
+    if tdef.version_column:
+        stamps = rows.column(tdef.version_column).cast(pa.int64()).to_pylist()
+        best = max(range(rows.num_rows), key=lambda i: (stamps[i], i))  # ties: the later row wins
+    # Lists stay Arrow scalars (arrays convert straight to numpy); everything else becomes Python.
+    row = {
+        name: (col[best] if pa.types.is_list(col.type) else col[best].as_py())
+        for name, col in zip(rows.column_names, rows.columns)
+    }
+    if "run_id" in tdef.schema.names and row["run_id"] in deleted.runs:
+        return None
+    if tdef.name in _ENTITY_DELETIONS:
+        kind, key = _ENTITY_DELETIONS[tdef.name]
+        died = deleted.entities.get((kind, row[key]))
+        stamp_column = "created_at" if "created_at" in tdef.schema.names else "_version"
+        stamp = rows.column(stamp_column).cast(pa.int64())[best].as_py()
+        if died is not None and died >= stamp:
+            return None
+    return row
 
 
 def scan(

@@ -25,6 +25,8 @@ class TableDef:
     version_column: str | None = None
     # Column whose value names the hive partition folder (``dataset=<encoded>``).
     partition_by: str | None = None
+    # Large rows (arrays) get small row groups, so key lookups read little (spec §3); None: one per file.
+    row_group_rows: int | None = None
 
     @property
     def dir(self) -> str:
@@ -153,6 +155,7 @@ PREDICTION_ARRAYS = TableDef(
     ),
     version_column="_version",
     partition_by="dataset_name",
+    row_group_rows=32,
 )
 
 ARTIFACTS = TableDef(

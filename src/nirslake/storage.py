@@ -71,12 +71,8 @@ class Storage:
         base = self.path(rel_dir)
         if self.is_local:
             found: list[str] = []
-            for dirpath, dirnames, filenames in os.walk(base):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    if name.endswith(suffix):
-                        found.append(os.path.join(dirpath, name))
-            return [self.relative(f) for f in found]
+            _scan_local(base, rel_dir.strip("/"), suffix, found)
+            return found
         try:
             files = self.fs.find(base)
         except FileNotFoundError:
@@ -145,6 +141,19 @@ class Storage:
 
     def delete_many(self, rels: Iterable[str]) -> int:
         return sum(self.delete(r) for r in rels)
+
+
+def _scan_local(path: str, rel: str, suffix: str, out: list[str]) -> None:
+    """Depth-first, names sorted: the same order as sorting the relative paths."""
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            _scan_local(entry.path, f"{rel}/{entry.name}", suffix, out)
+        elif entry.name.endswith(suffix):
+            out.append(f"{rel}/{entry.name}")
 
 
 def _fsync_dir(path: str) -> None:

@@ -26,9 +26,9 @@ from . import artifacts as art
 from . import catalog
 from . import schema as S
 from .arrays import ARRAY_FIELDS, check_arrays, to_numpy
-from .query import resolve, top_k
+from .query import Deleted, resolve, resolve_one, top_k
 from .storage import Storage
-from .tables import CLOCK, FileCache, commit_state, new_id, read_files, to_parquet_bytes, visible_files
+from .tables import CLOCK, FileCache, Snapshot, lookup, new_id, read_files, take_snapshot, to_parquet_bytes
 from .journal import orphaned_segments
 from .writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, DEFAULT_FLUSH_SECONDS, LakeWriter, flush_left_open, publish_segment
 
@@ -147,6 +147,10 @@ class WorkspaceStore:
         )
         self._lock = threading.RLock()
         self._cache = FileCache()
+        # Resolved tables by (table, dataset, visible files, deletion files): files never
+        # change, so an entry is valid exactly while that file list is.
+        self._resolved: dict[tuple, pl.DataFrame] = {}
+        self._deleted: tuple[tuple[str, ...] | None, Deleted | None] = (None, None)
         self._writer = LakeWriter(self._storage, flush_bytes, flush_rows, flush_seconds, fsync)
         self._grace_us = int(grace_seconds * 1e6)
         # What this process wrote, so hot-path writes never scan the lake to find a parent.
@@ -218,23 +222,56 @@ class WorkspaceStore:
         self._writer.add(table, row)
 
     # ------------------------------------------------------------------ reading
-    def _frame(self, tdef: S.TableDef, dataset_name: str | None = None, flush: bool = True) -> pl.LazyFrame:
-        """The table's current rows (read rules applied), after flushing this process's writes."""
-        if flush:
+    def _snapshot(self, publish: bool = True) -> Snapshot:
+        """Publish this process's writes, then list the lake once for the reads of one call."""
+        if publish:
             self._publish()
-        state = commit_state(self._storage, self._cache)
+        snap = take_snapshot(self._storage, self._cache)
+        deletion_rels = tuple(snap.table_files(S.DELETIONS))
+        if self._deleted[0] != deletion_rels:
+            table = read_files(self._storage, S.DELETIONS, self._cache, list(deletion_rels))
+            self._deleted = (deletion_rels, Deleted.from_table(table))
+        return snap
+
+    def _frame(self, tdef: S.TableDef, dataset_name: str | None = None, snap: Snapshot | None = None) -> pl.LazyFrame:
+        """The table's current rows (read rules applied), after publishing this process's writes.
+
+        The resolved table is cached until a file of the table, or a deletion, comes or goes.
+        """
+        snap = snap or self._snapshot()
         part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
-        frame = pl.from_arrow(read_files(self._storage, tdef, self._cache, visible_files(self._storage, tdef, self._cache, part, state))).lazy()
+        rels = snap.table_files(tdef, part)
+        deletion_rels = snap.table_files(S.DELETIONS)
+        cache_key = (tdef.name, dataset_name, tuple(rels), tuple(deletion_rels))
+        if cache_key in self._resolved:
+            return self._resolved[cache_key].lazy()
+        deletions = pl.from_arrow(read_files(self._storage, S.DELETIONS, self._cache, deletion_rels)).lazy()
+        frame = pl.from_arrow(read_files(self._storage, tdef, self._cache, rels)).lazy()
         if part is not ...:
             frame = frame.filter(pl.col("dataset_name") == dataset_name)
-        deletions = pl.from_arrow(
-            read_files(self._storage, S.DELETIONS, self._cache, visible_files(self._storage, S.DELETIONS, self._cache, state=state))
-        ).lazy()
-        return resolve(frame, tdef, deletions)
+        resolved = resolve(frame, tdef, deletions).collect()
+        self._resolved = {k: v for k, v in self._resolved.items() if k[:2] != cache_key[:2]}
+        self._resolved[cache_key] = resolved
+        return resolved.lazy()
 
-    def _row(self, tdef: S.TableDef, key: str, flush: bool = True) -> dict | None:
-        rows = self._frame(tdef, flush=flush).filter(pl.col(tdef.key) == key).collect()
-        return rows.row(0, named=True) if rows.height else None
+    def _row(
+        self, tdef: S.TableDef, key: str, dataset_name: str | None = None, snap: Snapshot | None = None
+    ) -> dict | None:
+        """The current row of one key, found through per-file key positions (or row-group
+        statistics for arrays) instead of a scan."""
+        snap = snap or self._snapshot()
+        part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
+        rels = snap.table_files(tdef, part)
+        if tdef.row_group_rows:
+            rows = lookup(self._storage, tdef, self._cache, rels, {key})
+        else:
+            pieces = []
+            for rel in rels:
+                positions = self._cache.positions(self._storage, rel, tdef).get(key)
+                if positions:
+                    pieces.append(self._cache.read(self._storage, rel, tdef.schema).take(positions))
+            rows = pa.concat_tables(pieces) if pieces else tdef.schema.empty_table()
+        return resolve_one(rows, tdef, self._deleted[1])
 
     def _public(self, frame: pl.DataFrame) -> pl.DataFrame:
         return frame.drop([c for c in ("_version", "artifact_ids") if c in frame.columns])
@@ -257,7 +294,7 @@ class WorkspaceStore:
         """(run_id, dataset_name) of a prediction; looked up without flushing, then remembered."""
         owner = self._known_predictions.get(prediction_id)
         if owner is None:
-            row = self._row(S.PREDICTIONS, prediction_id, flush=False)
+            row = self._row(S.PREDICTIONS, prediction_id, snap=self._snapshot(publish=False))
             if row is None:
                 return None
             owner = self._known_predictions[prediction_id] = (row["run_id"], row["dataset_name"])
@@ -576,21 +613,21 @@ class WorkspaceStore:
         """The prediction as a dict, or None; with ``load_arrays`` also its arrays as numpy (or None)."""
         with self._lock:
             self._check_open()
-            row = self._row(S.PREDICTIONS, prediction_id)
+            snap = self._snapshot()
+            row = self._row(S.PREDICTIONS, prediction_id, snap=snap)
             if row is None:
                 return None
             row["scores"] = _unjson(row["scores"])
             row["best_params"] = _unjson(row["best_params"])
             if load_arrays:
-                row.update(self._load_arrays(prediction_id, row["dataset_name"]))
+                row.update(self._load_arrays(prediction_id, row["dataset_name"], snap))
             return row
 
-    def _load_arrays(self, prediction_id: str, dataset_name: str) -> dict[str, np.ndarray | None]:
+    def _load_arrays(self, prediction_id: str, dataset_name: str, snap: Snapshot) -> dict[str, np.ndarray | None]:
         tdef = S.PREDICTION_ARRAYS
-        frame = self._frame(tdef, dataset_name).filter(pl.col("prediction_id") == prediction_id).collect()
-        if frame.height == 0:
+        stored = self._row(tdef, prediction_id, dataset_name=dataset_name, snap=snap)
+        if stored is None:
             return {f: None for f in ARRAY_FIELDS}
-        stored = frame.row(0, named=True)
         return {f: to_numpy(f, stored[f]) for f in ARRAY_FIELDS}
 
     def _predictions(self, dataset_name: str | None = None) -> pl.LazyFrame:

@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from dataclasses import dataclass
 from typing import Iterable
 
 import pyarrow as pa
@@ -48,7 +49,7 @@ CLOCK = Clock()
 
 def new_id() -> str:
     """A 32-hex id that sorts by creation time (like UUIDv7), so Parquet min/max stats prune lookups."""
-    return f"{CLOCK.now_us():014x}{uuid.uuid4().hex[:18]}"
+    return f"{CLOCK.now_us():014x}{os.urandom(9).hex()}"
 
 
 def encode_partition_value(value: str | None) -> str:
@@ -90,9 +91,9 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def to_parquet_bytes(table: pa.Table) -> bytes:
+def to_parquet_bytes(table: pa.Table, row_group_rows: int | None = None) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", write_statistics=True)
+    pq.write_table(table, sink, compression="zstd", write_statistics=True, row_group_size=row_group_rows)
     return sink.getvalue()
 
 
@@ -124,7 +125,7 @@ def write_table(
             digest = hashlib.sha256(f"{seed[1]}/{folder}".encode()).hexdigest()[:32]
             name = f"{prefix}{seed[0]:014x}-{digest}.parquet"
         rel = f"{folder}/{name}"
-        storage.publish(rel, to_parquet_bytes(part))
+        storage.publish(rel, to_parquet_bytes(part, tdef.row_group_rows))
         written.append(rel)
     return written
 
@@ -134,6 +135,10 @@ class FileCache:
 
     def __init__(self) -> None:
         self._tables: dict[str, pa.Table] = {}
+        self._footers: dict[str, pq.FileMetaData] = {}
+        self._positions: dict[str, dict[str, list[int]]] = {}
+        self._ranges: dict[str, list[tuple]] = {}
+        self.commit_memo: tuple = (None, None)  # (commit file names, their commit state)
         self._lock = threading.Lock()
 
     def read(self, storage: Storage, rel: str, schema: pa.Schema) -> pa.Table:
@@ -147,19 +152,70 @@ class FileCache:
             self._tables[rel] = table
         return table
 
+    def positions(self, storage: Storage, rel: str, tdef: TableDef) -> dict[str, list[int]]:
+        """Row positions of each key in a cached file: single-row lookups without a scan."""
+        with self._lock:
+            hit = self._positions.get(rel)
+        if hit is None:
+            hit = {}
+            for i, key in enumerate(self.read(storage, rel, tdef.schema).column(tdef.key).to_pylist()):
+                hit.setdefault(key, []).append(i)
+            with self._lock:
+                self._positions[rel] = hit
+        return hit
+
+    def key_ranges(self, storage: Storage, rel: str, key: str) -> list[tuple]:
+        """Per row group, the (min, max) of the key column; (None-safe) full range without statistics."""
+        with self._lock:
+            hit = self._ranges.get(rel)
+        if hit is None:
+            meta = self.metadata(storage, rel)
+            column = meta.schema.to_arrow_schema().get_field_index(key)
+            hit = []
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(column).statistics
+                if meta.row_group(g).num_rows == 0:
+                    hit.append(("\uffff", ""))  # empty: matches nothing
+                elif stats is None or not stats.has_min_max:
+                    hit.append(("", "\uffff"))  # unknown: matches everything
+                else:
+                    hit.append((stats.min, stats.max))
+            with self._lock:
+                self._ranges[rel] = hit
+        return hit
+
+    def metadata(self, storage: Storage, rel: str) -> pq.FileMetaData:
+        """A file's Parquet footer (row-group statistics), read once."""
+        with self._lock:
+            hit = self._footers.get(rel)
+        if hit is None:
+            with storage.open(rel) as fh:
+                hit = pq.ParquetFile(fh).metadata
+            with self._lock:
+                self._footers[rel] = hit
+        return hit
+
     def forget(self, rels: Iterable[str]) -> None:
         with self._lock:
             for rel in rels:
                 self._tables.pop(rel, None)
+                self._footers.pop(rel, None)
+                self._positions.pop(rel, None)
+                self._ranges.pop(rel, None)
 
 
-def commit_state(storage: Storage, cache: FileCache) -> tuple[set[str], set[str]]:
+def commit_state(storage: Storage, cache: FileCache, commit_rels: list[str] | None = None) -> tuple[set[str], set[str]]:
     """File names (basenames) made visible and hidden by the compaction commits that count.
 
     A commit counts unless an earlier one (by ``commit_id``) already replaced one of the same
     files: of two compactions racing over the same files, the first wins (lake spec §4).
     """
-    commits = read_files(storage, COMMITS, cache, storage.list_files(COMMITS.dir)).sort_by("commit_id")
+    if commit_rels is None:
+        commit_rels = storage.list_files(COMMITS.dir)
+    memo_key = tuple(commit_rels)
+    if cache.commit_memo[0] == memo_key:
+        return cache.commit_memo[1]
+    commits = read_files(storage, COMMITS, cache, commit_rels).sort_by("commit_id")
     added: set[str] = set()
     removed: set[str] = set()
     named_before: set[str] = set()  # files any earlier commit replaced, counted or not (as in SQL)
@@ -170,7 +226,34 @@ def commit_state(storage: Storage, cache: FileCache) -> tuple[set[str], set[str]
         if counts:
             added.update(new_files or ())
             removed |= old_files
+    cache.commit_memo = (memo_key, (added, removed))
     return added, removed
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The visible files of every table at one moment, from a single listing of ``tables/``."""
+
+    files: dict[str, list[str]]
+
+    def table_files(self, tdef: TableDef, partition_value: str | None = ...) -> list[str]:  # type: ignore[assignment]
+        rels = self.files.get(tdef.name, [])
+        if partition_value is ...:
+            return rels
+        prefix = partition_dir(tdef, partition_value) + "/"
+        return [r for r in rels if r.startswith(prefix)]
+
+
+def take_snapshot(storage: Storage, cache: FileCache) -> Snapshot:
+    grouped: dict[str, list[str]] = {}
+    for rel in storage.list_files("tables"):
+        grouped.setdefault(rel.split("/", 2)[1], []).append(rel)
+    added, removed = commit_state(storage, cache, grouped.get(COMMITS.name, []))
+    files = {
+        name: rels if name == COMMITS.name else [r for r in rels if is_visible(posixpath.basename(r), added, removed)]
+        for name, rels in grouped.items()
+    }
+    return Snapshot(files)
 
 
 def is_visible(name: str, added: set[str], removed: set[str]) -> bool:
@@ -191,6 +274,20 @@ def visible_files(
     return [
         rel for rel in storage.list_files(folder) if is_visible(posixpath.basename(rel), added, removed)
     ]
+
+
+def lookup(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str], keys: set[str]) -> pa.Table:
+    """The rows of ``keys`` from large files (arrays), reading only row groups whose key range
+    (min/max statistics) can hold one: ids sort by time, so a lookup touches few row groups."""
+    found = []
+    for rel in rels:
+        meta = cache.metadata(storage, rel)
+        groups = [g for g, (low, high) in enumerate(cache.key_ranges(storage, rel, tdef.key)) if any(low <= k <= high for k in keys)]
+        if groups:
+            with storage.open(rel) as fh:
+                part = pq.ParquetFile(fh, metadata=meta).read_row_groups(groups)  # footer parsed once
+            found.append(conform(part.filter(pc.is_in(part.column(tdef.key), pa.array(sorted(keys)))), tdef.schema))
+    return pa.concat_tables(found) if found else tdef.schema.empty_table()
 
 
 def read_files(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str]) -> pa.Table:
