@@ -25,8 +25,8 @@ _MAGIC = b"NLJ1"
 _HEADER = struct.Struct("<4sIQI")  # magic, name length, payload length, crc32 of payload
 
 
-def _frame(name: str, records: pa.Table | list[dict]) -> bytes:
-    """One frame: an Arrow IPC stream (dense arrays), or JSON rows (small metadata records,
+def _frame(name: str, records: pa.Table | dict[str, list]) -> bytes:
+    """One frame: an Arrow IPC stream (dense arrays), or JSON columns (small metadata records,
     several times cheaper to encode per durability point than building Arrow columns)."""
     if isinstance(records, pa.Table):
         sink = pa.BufferOutputStream()
@@ -39,7 +39,7 @@ def _frame(name: str, records: pa.Table | list[dict]) -> bytes:
     return _HEADER.pack(_MAGIC, len(key), len(payload), zlib.crc32(payload)) + key + payload
 
 
-def read_frames(data: bytes) -> Iterator[tuple[str, pa.Table | list[dict]]]:
+def read_frames(data: bytes) -> Iterator[tuple[str, pa.Table | dict[str, list]]]:
     """The whole frames of a journal segment; a torn or corrupt tail (a crash mid-append) ends it."""
     offset = 0
     while offset + _HEADER.size <= len(data):
@@ -77,7 +77,7 @@ class Journal:
         self.bytes = 0
         self.opened_us = 0
 
-    def append(self, frames: list[tuple[str, pa.Table | list[dict]]]) -> None:
+    def append(self, frames: list[tuple[str, pa.Table | dict[str, list]]]) -> None:
         """Make ``frames`` durable: written (and fsynced when asked) before this returns."""
         if not frames:
             return

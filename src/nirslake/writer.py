@@ -119,14 +119,16 @@ class LakeWriter:
             self.journal.append(frames)
         self._clear()
 
-    def _frames(self) -> list[tuple[str, pa.Table | list[dict]]]:
+    def _frames(self) -> list[tuple[str, pa.Table | dict[str, list]]]:
         frames = []
         for name in FLUSH_ORDER:
             if name == "prediction_arrays":
                 if self._arrays:
                     frames.append((name, self._pack_arrays()))
             elif self._rows[name]:
-                frames.append((name, self._rows[name]))
+                # Columns, not row dicts: cheaper to encode now and to turn into Arrow at publication.
+                names = _table_of(name).schema.names
+                frames.append((name, {column: [row[column] for row in self._rows[name]] for column in names}))
         return frames
 
     def _clear(self) -> None:
@@ -156,19 +158,22 @@ class LakeWriter:
 
 
 def publish_frames(
-    storage: Storage, frames: list[tuple[str, pa.Table | list[dict]]], seed: tuple[int, str] | None = None
+    storage: Storage, frames: list[tuple[str, pa.Table | dict[str, list]]], seed: tuple[int, str] | None = None
 ) -> None:
-    """Write frames (Arrow tables or lists of row dicts) as lake files, merged per table, in ``FLUSH_ORDER``."""
+    """Write frames (Arrow tables, or columns of values) as lake files, merged per table, in ``FLUSH_ORDER``."""
     tables: dict[str, list[pa.Table]] = defaultdict(list)
-    rows: dict[str, list[dict]] = defaultdict(list)
+    columns: dict[str, dict[str, list]] = {}
     for name, records in frames:
         if isinstance(records, pa.Table):
             tables[name].append(records)
         else:
-            rows[name].extend(records)
+            merged = columns.setdefault(name, defaultdict(list))
+            for column, values in records.items():
+                merged[column].extend(values)
     for name in FLUSH_ORDER:
-        if rows.get(name):
-            tables[name].append(pa.Table.from_pylist(rows[name], schema=_table_of(name).schema))
+        if name in columns:
+            schema = _table_of(name).schema
+            tables[name].append(pa.Table.from_pydict({c: columns[name].get(c, []) for c in schema.names}, schema=schema))
         if tables.get(name):
             table = pa.concat_tables(tables[name])
             write_table(storage, _table_of(name), table, seed=None if seed is None else (seed[0], f"{seed[1]}/{name}"))
