@@ -41,6 +41,7 @@ def _frame(name: str, records: pa.Table | dict[str, list]) -> bytes:
 
 def read_frames(data: bytes) -> Iterator[tuple[str, pa.Table | dict[str, list]]]:
     """The whole frames of a journal segment; a torn or corrupt tail (a crash mid-append) ends it."""
+    view = memoryview(data)  # slices without copying: a segment can be tens of MiB
     offset = 0
     while offset + _HEADER.size <= len(data):
         magic, key_len, size, crc = _HEADER.unpack_from(data, offset)
@@ -48,14 +49,14 @@ def read_frames(data: bytes) -> Iterator[tuple[str, pa.Table | dict[str, list]]]
         end = start + key_len + size
         if magic != _MAGIC or end > len(data):
             return
-        payload = data[start + key_len : end]
+        payload = view[start + key_len : end]
         if zlib.crc32(payload) != crc:
             return
-        name = data[start : start + key_len].decode()
+        name = bytes(view[start : start + key_len]).decode()
         if payload[:1] == b"A":
-            yield name, pa.ipc.open_stream(payload[1:]).read_all()
+            yield name, pa.ipc.open_stream(pa.py_buffer(payload[1:])).read_all()
         else:
-            yield name, json.loads(payload[1:])
+            yield name, json.loads(bytes(payload[1:]))
         offset = end
 
 

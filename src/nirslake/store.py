@@ -13,6 +13,7 @@ import re
 import threading
 import weakref
 import zipfile
+from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,22 @@ def _with_suffix(output_path: str | os.PathLike, suffix: str) -> Path:
     return path if path.suffix else path.with_suffix(suffix)
 
 
+class _Recent(OrderedDict):
+    """A dict of the most recently set entries only: what this process wrote lately, so hot-path
+    writes find their parent without a lake read while memory does not grow with the workspace.
+    A key that fell out is looked up in the lake again."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
+
 class WorkspaceStore:
     """The workspace store of nirs4all, kept as an open lake.
 
@@ -154,9 +171,9 @@ class WorkspaceStore:
         self._writer = LakeWriter(self._storage, flush_bytes, flush_rows, flush_seconds, fsync)
         self._grace_us = int(grace_seconds * 1e6)
         # What this process wrote, so hot-path writes never scan the lake to find a parent.
-        self._known_runs: dict[str, dict] = {}
-        self._known_pipelines: dict[str, dict] = {}
-        self._known_predictions: dict[str, tuple[str, str]] = {}  # id -> (run_id, dataset_name)
+        self._known_runs: _Recent = _Recent(1_000)
+        self._known_pipelines: _Recent = _Recent(10_000)
+        self._known_predictions: _Recent = _Recent(100_000)  # id -> (run_id, dataset_name)
         self._known_artifacts: set[str] = set()
         self._closed = False
         self._init_workspace()
