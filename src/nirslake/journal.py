@@ -83,10 +83,9 @@ class Journal:
         if not frames:
             return
         if self._fh is None:
-            os.makedirs(self.storage.path(JOURNAL_DIR), exist_ok=True)
             self.opened_us = CLOCK.now_us()
             self.current = f"{JOURNAL_DIR}/{self.owner}~{self.opened_us:014x}{SUFFIX}"
-            self._fh = open(self.storage.path(self.current), "ab")
+            self._fh = self.storage.open_append(self.current)
         data = b"".join(_frame(name, table) for name, table in frames)
         self._fh.write(data)
         self._fh.flush()  # into the OS: survives a crash of this process

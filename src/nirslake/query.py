@@ -45,14 +45,15 @@ def _row_stamp(tdef: S.TableDef) -> pl.Expr:
     return pl.col("_version")
 
 
-def resolve(frame: pl.LazyFrame, tdef: S.TableDef, deletions: pl.LazyFrame) -> pl.LazyFrame:
-    """Apply the read rules of the lake spec: latest version wins, deleted entities vanish."""
-    if tdef.version_column:
+def resolve(frame: pl.LazyFrame, tdef: S.TableDef, deletions: pl.LazyFrame, keys_unique: bool = False) -> pl.LazyFrame:
+    """Apply the read rules of the lake spec: latest version wins, deleted entities vanish.
+
+    ``keys_unique`` (the caller checked that no key repeats) skips the latest-wins step.
+    """
+    if tdef.version_column and not keys_unique:
         # A stable sort keeps file-name, then row order among equal stamps: the same tie-break
         # as the SQL views (lake spec §5.1).
-        frame = frame.sort(tdef.version_column, maintain_order=True).unique(
-            subset=[tdef.key], keep="last", maintain_order=True
-        )
+        frame = frame.sort(tdef.version_column, maintain_order=True).unique(subset=[tdef.key], keep="last")
     if "run_id" in tdef.schema.names:
         dead_runs = deletions.filter(pl.col("kind") == "run").select(pl.col("entity_id").alias("run_id"))
         frame = frame.join(dead_runs, on="run_id", how="anti")

@@ -132,6 +132,14 @@ class Storage:
         if self.fsync:
             _fsync_dir(target_dir)
 
+    def open_append(self, rel: str):
+        """A local file opened for appending (the journal), its folder created when missing."""
+        if not self.is_local:
+            raise ValueError("append-only files are kept on local workspaces only")
+        path = self.path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return open(path, "ab")
+
     def delete(self, rel: str) -> bool:
         try:
             self.fs.rm_file(self.path(rel))

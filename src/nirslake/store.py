@@ -263,10 +263,13 @@ class WorkspaceStore:
         if cache_key in self._resolved:
             return self._resolved[cache_key].lazy()
         deletions = pl.from_arrow(read_files(self._storage, S.DELETIONS, self._cache, deletion_rels)).lazy()
-        frame = pl.from_arrow(read_files(self._storage, tdef, self._cache, rels)).lazy()
+        raw = pl.from_arrow(read_files(self._storage, tdef, self._cache, rels))
+        # Most tables hold each key once (a sweep rarely re-saves): then there is no version to pick.
+        keys_unique = raw[tdef.key].n_unique() == raw.height
+        frame = raw.lazy()
         if part is not ...:
             frame = frame.filter(pl.col("dataset_name") == dataset_name)
-        resolved = resolve(frame, tdef, deletions).collect()
+        resolved = resolve(frame, tdef, deletions, keys_unique).collect()
         self._resolved = {k: v for k, v in self._resolved.items() if k[:2] != cache_key[:2]}
         self._resolved[cache_key] = resolved
         return resolved.lazy()
