@@ -34,7 +34,8 @@ def write_sweep(workspace: str, datasets: int, pipelines: int, samples: int = 50
     return datasets * pipelines * 15
 
 
-def best_of(fn, repeat: int = 5) -> float:
+def best_of(fn, repeat: int = 5) -> tuple[float, float]:
+    """(best, median) of ``repeat`` timed calls, in seconds."""
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -59,7 +60,7 @@ def main() -> None:
             ("top-10 per dataset", lambda: store.top_predictions(10, group_by="dataset_name"), lambda: store.sql(TOP_SQL)),
             (
                 "fold aggregation per chain",
-                lambda: q.fold_summary(store._predictions()),
+                lambda: q.fold_summary(store.query_predictions()),
                 lambda: store.sql("SELECT * FROM chain_summary"),
             ),
         ]

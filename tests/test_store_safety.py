@@ -196,3 +196,28 @@ def test_partition_names_follow_the_spec(name, encoded):
 def test_write_table_never_publishes_an_empty_file(workspace):
     with WorkspaceStore(workspace) as store:
         assert write_table(store.storage, S.RUNS, S.RUNS.schema.empty_table()) == []
+
+
+def test_a_value_that_is_not_json_is_refused_naming_its_field(store):
+    run, pipe = _pipeline(store)
+    with pytest.raises(TypeError, match="expanded_config must be JSON-serialisable"):
+        store.begin_pipeline(run, "p2", {"estimator": object()}, {}, "wheat", "h")
+    with pytest.raises(TypeError, match="scores must be JSON-serialisable"):
+        store.save_prediction(
+            pipe, None, "wheat", "m", "M", 0, "val", 0.1, 0.1, 0.1, "rmse", "regression", 1, 1,
+            {"val": {"rmse": object()}}, {}, None, None, 0, 0.0)
+    assert store.list_pipelines(run_id=run).height == 1 and store.query_predictions().height == 0
+
+
+def test_a_run_and_pipeline_begun_by_another_store_can_be_completed(workspace):
+    with WorkspaceStore(workspace) as first:
+        run, pipe = _pipeline(first)
+        _predict(first, pipe)
+    with WorkspaceStore(workspace) as second:  # knows them only from the lake
+        second.complete_pipeline(pipe, 0.1, 0.2, "rmse", 12)
+        second.fail_run(run, "stopped by hand")
+        created = second.get_pipeline(pipe)["created_at"]
+    with WorkspaceStore(workspace) as third:
+        pipeline = third.get_pipeline(pipe)
+        assert pipeline["status"] == "completed" and pipeline["created_at"] == created
+        assert third.get_run(run)["status"] == "failed"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 from typing import Any
 
@@ -73,9 +74,14 @@ def put_object(storage: Storage, data: bytes) -> tuple[str, str]:
     return digest, rel
 
 
+def is_external(path: str) -> bool:
+    """True for a registered artifact's own path (absolute or a URL), not one under the workspace."""
+    return os.path.isabs(path) or "://" in path
+
+
 def read_verified(storage: Storage, rel_or_abs: str, content_hash: str) -> bytes:
     """The object's bytes, after checking they still hash to ``content_hash``."""
-    if rel_or_abs.startswith("/") or "://" in rel_or_abs:
+    if is_external(rel_or_abs):
         with storage.fs.open(rel_or_abs, "rb") as fh:
             data = fh.read()
     else:

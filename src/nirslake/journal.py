@@ -1,4 +1,4 @@
-"""The per-process journal: durability points append framed Arrow batches to a local file.
+"""The per-process journal: durability points append framed records to a local, append-only file.
 
 Publishing Parquet at every durability point would write several small files per pipeline;
 instead each writer appends to its own journal and publishes the lake files in bulk (spec §6).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 import socket
 import struct
 import uuid
@@ -34,9 +35,16 @@ def _frame(name: str, records: pa.Table | dict[str, list]) -> bytes:
             stream.write_table(records)
         payload = b"A" + sink.getvalue().to_pybytes()
     else:
-        payload = b"J" + json.dumps(records, separators=(",", ":")).encode()
+        payload = b"J" + json.dumps(records, separators=(",", ":"), default=_to_json).encode()
     key = name.encode()
     return _HEADER.pack(_MAGIC, len(key), len(payload), zlib.crc32(payload)) + key + payload
+
+
+def _to_json(value: object) -> object:
+    """Timestamps travel as µs since the epoch, the unit of every lake timestamp column."""
+    if isinstance(value, datetime):
+        return round(value.timestamp() * 1_000_000)
+    raise TypeError(f"{type(value).__name__} cannot be journaled")
 
 
 def read_frames(data: bytes) -> Iterator[tuple[str, pa.Table | dict[str, list]]]:
@@ -67,11 +75,10 @@ class Journal:
     durability point starts a new one.
     """
 
-    def __init__(self, storage: Storage, fsync: bool = False):
+    def __init__(self, storage: Storage):
         if not storage.is_local:
             raise ValueError("journals are kept on local workspaces only")
         self.storage = storage
-        self.fsync = fsync
         self.owner = f"{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:12]}"
         self._fh = None
         self.current: str | None = None
@@ -85,11 +92,11 @@ class Journal:
         if self._fh is None:
             self.opened_us = CLOCK.now_us()
             self.current = f"{JOURNAL_DIR}/{self.owner}~{self.opened_us:014x}{SUFFIX}"
-            self._fh = self.storage.open_append(self.current)
+            self._fh = self.storage.open_append(self.current)  # fsyncs its folder with fsync on
         data = b"".join(_frame(name, table) for name, table in frames)
         self._fh.write(data)
         self._fh.flush()  # into the OS: survives a crash of this process
-        if self.fsync:
+        if self.storage.fsync:
             os.fsync(self._fh.fileno())  # onto the disk: survives a crash of the machine
         self.bytes += len(data)
 

@@ -177,7 +177,7 @@ def top_k(
 
     The direction follows ``ascending`` when given, else the metric: lower is better for
     rmse/mae/mse, higher for r2/accuracy/f1. ``metric`` names it when ``score`` is a column
-    like ``val_score``; otherwise each row's own ``metric`` column must agree.
+    like ``val_score``; without it the column name itself is taken as the metric.
     """
     if ascending is None:
         ascending = lower_is_better(metric or score)

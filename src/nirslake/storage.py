@@ -138,7 +138,10 @@ class Storage:
             raise ValueError("append-only files are kept on local workspaces only")
         path = self.path(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        return open(path, "ab")
+        handle = open(path, "ab")
+        if self.fsync:
+            _fsync_dir(os.path.dirname(path))  # the new file's name must survive a machine crash too
+        return handle
 
     def delete(self, rel: str) -> bool:
         try:

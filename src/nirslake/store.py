@@ -1,7 +1,8 @@
 """``WorkspaceStore``: the nirs4all store API over the lake (docs/lake-spec.md).
 
-Writes buffer in memory and land as new immutable Parquet files at each durability point;
-reads flush first, then apply the lake's read rules, so a process always sees its own writes.
+Writes buffer in memory, become durable in the writer's journal at each durability point and
+are published as immutable Parquet files in bulk; reads publish first, then apply the lake's
+read rules, so a process always sees its own writes.
 """
 
 from __future__ import annotations
@@ -39,16 +40,19 @@ DEFAULT_GRACE_SECONDS = 3600.0
 _PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "branch_id", "pipeline_id", "run_id")
 
 
-def _json(value: Any) -> str | None:
+def _json(value: Any, field: str) -> str | None:
     """Strict JSON: NaN and infinities become null (Python's json would write invalid ``NaN``)."""
     if value is None:
         return None
     if not value and isinstance(value, (dict, list)):
         return "{}" if isinstance(value, dict) else "[]"
     try:
-        return json.dumps(value, default=_json_default, allow_nan=False)
-    except ValueError:  # a NaN or infinity somewhere: rare, so only then walk the value
-        return json.dumps(_finite(value), default=_json_default, allow_nan=False)
+        try:
+            return json.dumps(value, default=_json_default, allow_nan=False)
+        except ValueError:  # a NaN or infinity somewhere: rare, so only then walk the value
+            return json.dumps(_finite(value), default=_json_default, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{field} must be JSON-serialisable: {exc}") from None
 
 
 def _finite(value: Any) -> Any:
@@ -139,8 +143,8 @@ class WorkspaceStore:
     ``fail_pipeline``, ``complete_run``, ``fail_run`` and ``close()`` are durability points:
     once one returns, everything saved before it survives a crash of the process (with
     ``fsync=True``, also a crash of the machine). Other processes see the records once they are
-    published as Parquet: at ``flush()``, ``close()``, any read, and at least every
-    ``flush_seconds`` or ``flush_bytes`` of a writer that keeps writing (lake spec §6).
+    published as Parquet: at ``flush()``, ``close()`` and any read, and at the first durability
+    point after the journal reaches ``flush_bytes`` or ``flush_seconds`` of age (lake spec §6).
     One instance may be shared by threads; any number of processes may write one workspace.
 
     ``grace_seconds`` protects what another writer may still be using: ``gc_artifacts`` keeps
@@ -168,7 +172,7 @@ class WorkspaceStore:
         # change, so an entry is valid exactly while that file list is.
         self._resolved: dict[tuple, pl.DataFrame] = {}
         self._deleted: tuple[tuple[str, ...] | None, Deleted | None] = (None, None)
-        self._writer = LakeWriter(self._storage, flush_bytes, flush_rows, flush_seconds, fsync)
+        self._writer = LakeWriter(self._storage, flush_bytes, flush_rows, flush_seconds)
         self._grace_us = int(grace_seconds * 1e6)
         # What this process wrote, so hot-path writes never scan the lake to find a parent.
         self._known_runs: _Recent = _Recent(1_000)
@@ -265,7 +269,7 @@ class WorkspaceStore:
         deletions = pl.from_arrow(read_files(self._storage, S.DELETIONS, self._cache, deletion_rels)).lazy()
         raw = pl.from_arrow(read_files(self._storage, tdef, self._cache, rels))
         # Most tables hold each key once (a sweep rarely re-saves): then there is no version to pick.
-        keys_unique = raw[tdef.key].n_unique() == raw.height
+        keys_unique = tdef.version_column is not None and raw[tdef.key].n_unique() == raw.height
         frame = raw.lazy()
         if part is not ...:
             frame = frame.filter(pl.col("dataset_name") == dataset_name)
@@ -332,8 +336,8 @@ class WorkspaceStore:
             row = {
                 "run_id": new_id(),
                 "name": name,
-                "config": _json(config),
-                "datasets": _json(list(datasets)),
+                "config": _json(config, "config"),
+                "datasets": _json(list(datasets), "datasets"),
                 "status": "running",
                 "created_at": now,
                 "completed_at": None,
@@ -361,7 +365,7 @@ class WorkspaceStore:
 
     def complete_run(self, run_id: str, summary: dict) -> None:
         """Mark the run ``completed`` with its summary: a durability point."""
-        self._finish("runs", run_id, status="completed", summary=_json(summary))
+        self._finish("runs", run_id, status="completed", summary=_json(summary, "summary"))
 
     def fail_run(self, run_id: str, error: str) -> None:
         """Mark the run ``failed`` and keep ``error``: a durability point."""
@@ -411,8 +415,8 @@ class WorkspaceStore:
                 "pipeline_id": new_id(),
                 "run_id": run_id,
                 "name": _text("name", name),
-                "expanded_config": _json(expanded_config),
-                "generator_choices": _json(generator_choices),
+                "expanded_config": _json(expanded_config, "expanded_config"),
+                "generator_choices": _json(generator_choices, "generator_choices"),
                 "dataset_name": dataset_name,
                 "dataset_hash": None if dataset_hash is None else str(dataset_hash),
                 "status": "running",
@@ -498,14 +502,14 @@ class WorkspaceStore:
                 "chain_id": new_id(),
                 "pipeline_id": pipeline_id,
                 "run_id": pipeline["run_id"],
-                "steps": _json(list(steps)),
+                "steps": _json(list(steps), "steps"),
                 "model_step_idx": _opt_int("model_step_idx", model_step_idx),
                 "model_class": _text("model_class", model_class),
                 "preprocessings": _text("preprocessings", preprocessings),
                 "fold_strategy": None if fold_strategy is None else str(fold_strategy),
-                "fold_artifacts": _json(fold_artifacts),
-                "shared_artifacts": _json(shared_artifacts),
-                "branch_path": _json(branch_path),
+                "fold_artifacts": _json(fold_artifacts, "fold_artifacts"),
+                "shared_artifacts": _json(shared_artifacts, "shared_artifacts"),
+                "branch_path": _json(branch_path, "branch_path"),
                 "source_index": _opt_int("source_index", source_index),
                 "artifact_ids": sorted(str(a) for a in held),
                 "created_at": CLOCK.now_us(),
@@ -593,8 +597,8 @@ class WorkspaceStore:
                 "task_type": _text("task_type", task_type),
                 "n_samples": _opt_int("n_samples", n_samples),
                 "n_features": _opt_int("n_features", n_features),
-                "scores": _json(scores),
-                "best_params": _json(best_params),
+                "scores": _json(scores, "scores"),
+                "best_params": _json(best_params, "best_params"),
                 "branch_id": _opt_int("branch_id", branch_id),
                 "branch_name": _text("branch_name", branch_name),
                 "exclusion_count": _opt_int("exclusion_count", exclusion_count),
@@ -707,13 +711,15 @@ class WorkspaceStore:
             self._check_open()
             if self._row(S.PREDICTIONS, prediction_id) is None:
                 return False
-            self._delete("prediction", prediction_id)
+            self._delete("prediction", [prediction_id])
             self._known_predictions.pop(prediction_id, None)
             return True
 
-    def _delete(self, kind: str, entity_id: str) -> None:
-        """Append a deletion record and make it durable at once."""
-        self._buffer("deletions", {"kind": kind, "entity_id": entity_id, "deleted_at": CLOCK.now_us()})
+    def _delete(self, kind: str, entity_ids: list[str]) -> None:
+        """Append deletion records and publish them at once, so every reader stops seeing them."""
+        now = CLOCK.now_us()
+        for entity_id in entity_ids:
+            self._buffer("deletions", {"kind": kind, "entity_id": entity_id, "deleted_at": now})
         self._publish()
 
     # ------------------------------------------------------------------ artifacts
@@ -758,7 +764,7 @@ class WorkspaceStore:
             if artifact_id in self._known_artifacts or self._row(S.ARTIFACTS, artifact_id) is not None:
                 return artifact_id
             path = os.fspath(path)
-            full = path if (os.path.isabs(path) or "://" in path) else self._storage.path(path)
+            full = path if art.is_external(path) else self._storage.path(path)
             inside = full.split("://", 1)[-1].startswith(self._storage.root.rstrip("/") + "/")
             self._buffer(
                 "artifacts",
@@ -801,9 +807,11 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             rel = self._artifact(artifact_id)["path"]
-        if os.path.isabs(rel) or "://" in rel:
-            return Path(rel) if "://" not in rel else rel
-        return Path(self._storage.path(rel)) if self._storage.is_local else self._storage.url(rel)
+        if "://" in rel:
+            return rel
+        if art.is_external(rel) or self._storage.is_local:
+            return Path(rel if art.is_external(rel) else self._storage.path(rel))
+        return self._storage.url(rel)
 
     def gc_artifacts(self) -> int:
         """Remove artifacts that no live chain (of a pipeline not failed, in a run not deleted) holds.
@@ -835,13 +843,10 @@ class WorkspaceStore:
             ]
             if not doomed:
                 return 0
-            now = CLOCK.now_us()
-            for row in doomed:
-                self._buffer("deletions", {"kind": "artifact", "entity_id": row["artifact_id"], "deleted_at": now})
-                self._known_artifacts.discard(row["artifact_id"])
+            self._known_artifacts.difference_update(row["artifact_id"] for row in doomed)
             # The deletion records land first: a crash after this leaves orphan bytes, never a
             # record pointing at missing bytes.
-            self._publish()
+            self._delete("artifact", [row["artifact_id"] for row in doomed])
             doomed_ids = {row["artifact_id"] for row in doomed}
             kept_paths = set(artifacts.filter(~pl.col("artifact_id").is_in(list(doomed_ids)))["path"].to_list())
             for rel in {row["path"] for row in doomed} - kept_paths:
@@ -877,7 +882,7 @@ class WorkspaceStore:
                     "event": _text("event", event, allow_none=False),
                     "duration_ms": _opt_float("duration_ms", duration_ms),
                     "message": None if message is None else str(message),
-                    "details": _json(details),
+                    "details": _json(details, "details"),
                     "level": _text("level", level, allow_none=False),
                     "created_at": now,
                     "_version": now,
@@ -1009,7 +1014,7 @@ class WorkspaceStore:
             count = 1
             for tdef in (S.PIPELINES, S.CHAINS, S.PREDICTIONS, S.LOGS):
                 count += self._frame(tdef).filter(pl.col("run_id") == run_id).select(pl.len()).collect().item()
-            self._delete("run", run_id)
+            self._delete("run", [run_id])
             self._known_runs.pop(run_id, None)
             for pid in [p for p, row in self._known_pipelines.items() if row["run_id"] == run_id]:
                 del self._known_pipelines[pid]

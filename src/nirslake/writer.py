@@ -12,7 +12,7 @@ from collections import defaultdict
 import pyarrow as pa
 
 from . import schema as S
-from .arrays import list_column, matrix_column, nbytes
+from .arrays import ARRAY_FIELDS, list_column, matrix_column, nbytes
 from .journal import Journal, read_frames, segment_stamp
 from .storage import Storage
 from .tables import CLOCK, write_table
@@ -27,8 +27,6 @@ FLUSH_ORDER = (
 DEFAULT_FLUSH_BYTES = 64 * 1024 * 1024
 DEFAULT_FLUSH_ROWS = 50_000
 DEFAULT_FLUSH_SECONDS = 10.0
-
-_ARRAY_FIELDS = ("y_true", "y_pred", "y_proba", "sample_indices", "weights")
 
 
 def _table_of(key: str) -> S.TableDef:
@@ -49,13 +47,12 @@ class LakeWriter:
         flush_bytes: int = DEFAULT_FLUSH_BYTES,
         flush_rows: int = DEFAULT_FLUSH_ROWS,
         flush_seconds: float = DEFAULT_FLUSH_SECONDS,
-        fsync: bool = False,
     ):
         self.storage = storage
         self.flush_bytes = flush_bytes
         self.flush_rows = flush_rows
         self.flush_us = int(flush_seconds * 1e6)
-        self.journal = Journal(storage, fsync) if storage.is_local else None
+        self.journal = Journal(storage) if storage.is_local else None
         self._rows: dict[str, list[dict]] = {name: [] for name in FLUSH_ORDER if name != "prediction_arrays"}
         self._arrays: list[dict] = []
         self._array_bytes = 0
@@ -75,7 +72,7 @@ class LakeWriter:
         """Buffer one prediction's arrays (already checked by ``arrays.check_arrays``)."""
         self._arrays.append(row)
         self._pending += 1
-        self._array_bytes += nbytes({f: row[f] for f in _ARRAY_FIELDS})
+        self._array_bytes += nbytes({f: row[f] for f in ARRAY_FIELDS})
         if self._array_bytes >= self.flush_bytes or self._pending >= self.flush_rows:
             self.commit()
 
@@ -83,11 +80,6 @@ class LakeWriter:
     def pending(self) -> int:
         """Records buffered in memory, not yet durable."""
         return self._pending
-
-    @property
-    def unpublished(self) -> bool:
-        """True while durable records wait in the journal for publication as lake files."""
-        return bool(self._sealed) or (self.journal is not None and self.journal.current is not None)
 
     # -- durability ------------------------------------------------------------
     def commit(self) -> None:
@@ -195,4 +187,5 @@ def flush_left_open(writer: LakeWriter, label: str) -> None:
     try:
         writer.publish()
     except Exception as exc:  # noqa: BLE001 - at exit an exception would crash the interpreter
-        print(f"nirslake: {writer.pending} buffered records of {label} could not be written: {exc}", file=sys.stderr)
+        where = "its journal keeps what it made durable; the next store opened on the workspace publishes it"
+        print(f"nirslake: could not publish {label} ({writer.pending} records still in memory; {where}): {exc}", file=sys.stderr)
