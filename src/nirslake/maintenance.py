@@ -19,6 +19,7 @@ from .tables import (
     CLOCK,
     FileCache,
     commit_state,
+    counting_commits,
     conform,
     file_stamp,
     new_file_name,
@@ -40,16 +41,9 @@ def purge(storage: Storage, cache: FileCache, cutoff_us: int) -> int:
     That is: files a counting commit replaced, compaction output no commit made visible (a
     crashed or losing compaction), and staging leftovers. Returns how many files went.
     """
-    added, _ = commit_state(storage, cache)
-    commits = read_files(storage, S.COMMITS, cache, storage.list_files(S.COMMITS.dir)).sort_by("commit_id")
+    commits, added, _ = counting_commits(storage, cache)
+    counted_removed = {name for created, _, removed in commits if created < cutoff_us for name in removed}
     doomed: list[str] = []
-    counted_removed: set[str] = set()
-    named_before: set[str] = set()
-    for created, old in zip(commits.column("created_at").to_pylist(), commits.column("removed").to_pylist()):
-        old = set(old or ())
-        if not (old & named_before) and created is not None and created.timestamp() * 1e6 < cutoff_us:
-            counted_removed |= old
-        named_before |= old
     for tdef in S.TABLES.values():
         for rel in storage.list_files(tdef.dir):
             name = posixpath.basename(rel)

@@ -39,10 +39,14 @@ def lower_is_better(metric: str) -> bool:
     return metric.lower() in LOWER_IS_BETTER
 
 
+def stamp_column(tdef: S.TableDef) -> str:
+    """The column a deletion's time is compared with (lake spec §5.3)."""
+    return "created_at" if "created_at" in tdef.schema.names else "_version"
+
+
 def _row_stamp(tdef: S.TableDef) -> pl.Expr:
-    if "created_at" in tdef.schema.names:
-        return pl.col("created_at").dt.epoch("us")
-    return pl.col("_version")
+    column = pl.col(stamp_column(tdef))
+    return column.dt.epoch("us") if stamp_column(tdef) == "created_at" else column
 
 
 def resolve(frame: pl.LazyFrame, tdef: S.TableDef, deletions: pl.LazyFrame, keys_unique: bool = False) -> pl.LazyFrame:
@@ -113,8 +117,7 @@ def resolve_one(rows: pa.Table, tdef: S.TableDef, deleted: Deleted) -> dict | No
     if tdef.name in _ENTITY_DELETIONS:
         kind, key = _ENTITY_DELETIONS[tdef.name]
         died = deleted.entities.get((kind, row[key]))
-        stamp_column = "created_at" if "created_at" in tdef.schema.names else "_version"
-        stamp = rows.column(stamp_column).cast(pa.int64())[best].as_py()
+        stamp = rows.column(stamp_column(tdef)).cast(pa.int64())[best].as_py()
         if died is not None and died >= stamp:
             return None
     return row

@@ -243,11 +243,11 @@ class WorkspaceStore:
         self._writer.add(table, row)
 
     # ------------------------------------------------------------------ reading
-    def _snapshot(self, publish: bool = True) -> Snapshot:
+    def _snapshot(self, publish: bool = True, tables: tuple[str, ...] | None = None) -> Snapshot:
         """Publish this process's writes, then list the lake once for the reads of one call."""
         if publish:
             self._publish()
-        snap = take_snapshot(self._storage, self._cache)
+        snap = take_snapshot(self._storage, self._cache, tables if tables is None else (*tables, "deletions"))
         deletion_rels = tuple(snap.table_files(S.DELETIONS))
         if self._deleted[0] != deletion_rels:
             table = read_files(self._storage, S.DELETIONS, self._cache, list(deletion_rels))
@@ -318,7 +318,7 @@ class WorkspaceStore:
         """(run_id, dataset_name) of a prediction; looked up without flushing, then remembered."""
         owner = self._known_predictions.get(prediction_id)
         if owner is None:
-            row = self._row(S.PREDICTIONS, prediction_id, snap=self._snapshot(publish=False))
+            row = self._row(S.PREDICTIONS, prediction_id, snap=self._snapshot(publish=False, tables=("predictions",)))
             if row is None:
                 return None
             owner = self._known_predictions[prediction_id] = (row["run_id"], row["dataset_name"])

@@ -205,29 +205,38 @@ class FileCache:
                 self._ranges.pop(rel, None)
 
 
-def commit_state(storage: Storage, cache: FileCache, commit_rels: list[str] | None = None) -> tuple[set[str], set[str]]:
-    """File names (basenames) made visible and hidden by the compaction commits that count.
+def counting_commits(storage: Storage, cache: FileCache, commit_rels: list[str] | None = None) -> tuple:
+    """The compaction commits that count, in commit order, with the names they add and remove.
 
-    A commit counts unless an earlier one (by ``commit_id``) already replaced one of the same
-    files: of two compactions racing over the same files, the first wins (lake spec §4).
+    Returns (commits, added, removed): commits as (created µs, added names, removed names). A
+    commit counts unless an earlier one (by ``commit_id``) already replaced one of the same files:
+    of two compactions racing over the same files, the first wins (lake spec §4).
     """
     if commit_rels is None:
         commit_rels = storage.list_files(COMMITS.dir)
     memo_key = tuple(commit_rels)
     if cache.commit_memo[0] == memo_key:
         return cache.commit_memo[1]
-    commits = read_files(storage, COMMITS, cache, commit_rels).sort_by("commit_id")
+    table = read_files(storage, COMMITS, cache, commit_rels).sort_by("commit_id")
+    counted = []
     added: set[str] = set()
     removed: set[str] = set()
     named_before: set[str] = set()  # files any earlier commit replaced, counted or not (as in SQL)
-    for new_files, old_files in zip(commits.column("added").to_pylist(), commits.column("removed").to_pylist()):
+    stamps = table.column("created_at").cast(pa.int64()).to_pylist()
+    for stamp, new_files, old_files in zip(stamps, table.column("added").to_pylist(), table.column("removed").to_pylist()):
         old_files = set(old_files or ())
-        counts = not (old_files & named_before)
-        named_before |= old_files
-        if counts:
+        if not (old_files & named_before):
+            counted.append((stamp or 0, list(new_files or ()), old_files))
             added.update(new_files or ())
             removed |= old_files
-    cache.commit_memo = (memo_key, (added, removed))
+        named_before |= old_files
+    cache.commit_memo = (memo_key, (counted, added, removed))
+    return counted, added, removed
+
+
+def commit_state(storage: Storage, cache: FileCache, commit_rels: list[str] | None = None) -> tuple[set[str], set[str]]:
+    """File names (basenames) made visible and hidden by the compaction commits that count."""
+    _, added, removed = counting_commits(storage, cache, commit_rels)
     return added, removed
 
 
@@ -245,9 +254,14 @@ class Snapshot:
         return [r for r in rels if r.startswith(prefix)]
 
 
-def take_snapshot(storage: Storage, cache: FileCache) -> Snapshot:
+def take_snapshot(storage: Storage, cache: FileCache, tables: tuple[str, ...] | None = None) -> Snapshot:
+    """List the lake once: every table, or only ``tables`` (plus the commits, always needed)."""
+    if tables is None:
+        rels = storage.list_files("tables")
+    else:
+        rels = [rel for name in sorted({*tables, COMMITS.name}) for rel in storage.list_files(f"tables/{name}")]
     grouped: dict[str, list[str]] = {}
-    for rel in storage.list_files("tables"):
+    for rel in rels:
         grouped.setdefault(rel.split("/", 2)[1], []).append(rel)
     added, removed = commit_state(storage, cache, grouped.get(COMMITS.name, []))
     files = {
