@@ -22,6 +22,7 @@ from .tables import (
     counting_commits,
     conform,
     file_stamp,
+    is_schema_file,
     new_file_name,
     new_id,
     read_files,
@@ -31,8 +32,8 @@ from .tables import (
 from .storage import STAGING_DIR, Storage
 
 
-def is_schema_file(rel: str) -> bool:
-    return "-schema-v" in posixpath.basename(rel)
+# Their rows are the rules themselves: compacting them would change what every reader sees.
+NEVER_COMPACTED = ("deletions", "commits")
 
 
 def purge(storage: Storage, cache: FileCache, cutoff_us: int) -> int:
@@ -44,28 +45,44 @@ def purge(storage: Storage, cache: FileCache, cutoff_us: int) -> int:
     commits, added, _ = counting_commits(storage, cache)
     counted_removed = {name for created, _, removed in commits if created < cutoff_us for name in removed}
     doomed: list[str] = []
-    for tdef in S.TABLES.values():
-        for rel in storage.list_files(tdef.dir):
-            name = posixpath.basename(rel)
-            if name in counted_removed:
-                doomed.append(rel)
-            elif name.startswith(COMPACT_PREFIX) and name not in added and file_stamp(name) < cutoff_us:
-                doomed.append(rel)
+    for rel in storage.list_files("tables"):
+        name = posixpath.basename(rel)
+        if name in counted_removed:
+            doomed.append(rel)
+        elif name.startswith(COMPACT_PREFIX) and name not in added and file_stamp(name) < cutoff_us:
+            doomed.append(rel)
     doomed += [rel for rel in storage.list_files(STAGING_DIR, suffix=".tmp") if (storage.modified_us(rel) or 0) < cutoff_us]
     cache.forget(doomed)
     return storage.delete_many(doomed)
 
 
-def compact_table(storage: Storage, cache: FileCache, tdef: S.TableDef, min_files: int = 2) -> int:
+def _deletions(storage: Storage, cache: FileCache) -> pl.LazyFrame:
+    rels = visible_files(storage, S.DELETIONS, cache, state=commit_state(storage, cache))
+    return pl.from_arrow(read_files(storage, S.DELETIONS, cache, rels)).lazy()
+
+
+def compact_all(storage: Storage, cache: FileCache) -> int:
+    """Compact every table that may be compacted; returns how many files were replaced."""
+    deletions = _deletions(storage, cache)  # compaction adds no deletion: read them once
+    return sum(
+        compact_table(storage, cache, tdef, deletions=deletions)
+        for tdef in S.TABLES.values()
+        if tdef.name not in NEVER_COMPACTED
+    )
+
+
+def compact_table(
+    storage: Storage, cache: FileCache, tdef: S.TableDef, min_files: int = 2, deletions: pl.LazyFrame | None = None
+) -> int:
     """Compact every partition of ``tdef`` that has ``min_files`` or more data files.
 
-    Returns how many files were replaced. Tables whose rows are rules themselves (deletions,
-    commits) are never compacted.
+    Returns how many files were replaced. ``deletions`` and ``commits`` are never compacted.
     """
-    if tdef.name in ("deletions", "commits"):
+    if tdef.name in NEVER_COMPACTED:
         raise ValueError(f"table {tdef.name!r} is never compacted")
     state = commit_state(storage, cache)
-    deletions = pl.from_arrow(read_files(storage, S.DELETIONS, cache, visible_files(storage, S.DELETIONS, cache, state=state))).lazy()
+    if deletions is None:
+        deletions = _deletions(storage, cache)
     folders: dict[str, list[str]] = defaultdict(list)
     for rel in visible_files(storage, tdef, cache, state=state):
         if not is_schema_file(rel):

@@ -30,7 +30,7 @@ from . import schema as S
 from .arrays import ARRAY_FIELDS, check_arrays, to_numpy
 from .query import Deleted, resolve, resolve_one, top_k
 from .storage import Storage
-from .tables import CLOCK, FileCache, Snapshot, lookup, new_id, read_files, take_snapshot, to_parquet_bytes
+from .tables import CLOCK, FileCache, Snapshot, lookup, new_id, read_files, schema_file, take_snapshot, to_parquet_bytes
 from .journal import orphaned_segments
 from .writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, DEFAULT_FLUSH_SECONDS, LakeWriter, flush_left_open, publish_segment
 
@@ -198,7 +198,7 @@ class WorkspaceStore:
         # One empty file per table fixes its schema for engines that glob the lake, so every
         # view works (and returns no rows) before anything was written.
         for tdef in S.TABLES.values():
-            rel = f"{tdef.dir}/part-00000000000000-schema-v{S.FORMAT_VERSION}.parquet"
+            rel = schema_file(tdef)
             if not self._storage.exists(rel):
                 self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()))
         catalog.ensure_catalog(self._storage)
@@ -1028,14 +1028,12 @@ class WorkspaceStore:
         Readers never see the swap (lake spec §4). The replaced files' bytes are deleted by a
         later vacuum, once hidden for longer than ``grace_seconds``.
         """
-        from .maintenance import compact_table, purge
+        from .maintenance import compact_all, purge
 
         with self._lock:
             self._check_open()
             self._publish()
-            for tdef in S.TABLES.values():
-                if tdef.name not in ("commits", "deletions"):
-                    compact_table(self._storage, self._cache, tdef)
+            compact_all(self._storage, self._cache)
             purge(self._storage, self._cache, CLOCK.now_us() - self._grace_us)
 
     # ------------------------------------------------------------------ SQL and catalog

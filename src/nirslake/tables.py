@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .schema import COMMITS, TableDef
+from .schema import COMMITS, FORMAT_VERSION, TableDef
 from .storage import Storage
 
 DATA_PREFIX = "part-"
@@ -74,6 +74,15 @@ def encode_partition_value(value: str | None) -> str:
 
 def partition_dir(tdef: TableDef, value: str | None) -> str:
     return f"{tdef.dir}/dataset={encode_partition_value(value)}"
+
+
+def schema_file(tdef: TableDef) -> str:
+    """The empty file that fixes a table's schema for globbing engines (lake spec §3)."""
+    return f"{tdef.dir}/{DATA_PREFIX}00000000000000-schema-v{FORMAT_VERSION}.parquet"
+
+
+def is_schema_file(rel: str) -> bool:
+    return "-schema-v" in posixpath.basename(rel)
 
 
 def new_file_name(prefix: str = DATA_PREFIX) -> str:
