@@ -38,6 +38,20 @@ def test_frames_round_trip_and_a_torn_tail_is_ignored(workspace):
     assert [name for name, _ in read_frames(bytes(corrupt))] == ["predictions", "prediction_arrays"]
 
 
+def test_a_batch_cut_between_two_of_its_frames_is_ignored_whole(workspace):
+    """A durability point is all or nothing: a crash can cut a write() between two whole frames."""
+    storage = Storage(workspace)
+    journal = Journal(storage)
+    journal.append([("pipelines", [{"pipeline_id": "p", "status": "running"}])])
+    first = os.path.getsize(storage.path(journal.current))
+    journal.append([("predictions", [{"prediction_id": "a"}]), ("pipelines", [{"pipeline_id": "p", "status": "completed"}])])
+    data = open(storage.path(journal.seal()), "rb").read()
+    whole = [name for name, _ in read_frames(data)]
+    assert whole == ["pipelines", "predictions", "pipelines"]
+    for cut in range(first, len(data)):  # every cut inside the second batch, frame boundaries included
+        assert [name for name, _ in read_frames(data[:cut])] == ["pipelines"], cut
+
+
 def test_a_durability_point_is_in_the_journal_until_published(workspace):
     with WorkspaceStore(workspace) as store:
         _one_pipeline(store)

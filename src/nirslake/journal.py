@@ -17,13 +17,15 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from .storage import Storage
+from .storage import Storage, arrow_owned
 from .tables import CLOCK
 
 JOURNAL_DIR = "_journal"
 SUFFIX = ".wal"
-_MAGIC = b"NLJ1"
+_MAGIC = b"NLJ2"
+_LEGACY_MAGIC = b"NLJ1"  # segments of format 1 had no end-of-batch frames: each frame stood alone
 _HEADER = struct.Struct("<4sIQI")  # magic, name length, payload length, crc32 of payload
+_END = "~end"  # the frame that closes one durability point's batch (no table has this name)
 
 
 def _frame(name: str, records: pa.Table | dict[str, list]) -> bytes:
@@ -48,24 +50,39 @@ def _to_json(value: object) -> object:
 
 
 def read_frames(data: bytes) -> Iterator[tuple[str, pa.Table | dict[str, list]]]:
-    """The whole frames of a journal segment; a torn or corrupt tail (a crash mid-append) ends it."""
+    """The frames of every whole batch of a journal segment.
+
+    One durability point appends one batch: its frames, then an end frame. A crash mid-append
+    can leave a torn or corrupt tail, or whole frames of a batch without its end frame; neither
+    is yielded, since that durability point never returned. A torn tail ends the segment.
+    """
     view = memoryview(data)  # slices without copying: a segment can be tens of MiB
     offset = 0
+    batch: list[tuple[str, memoryview]] = []
     while offset + _HEADER.size <= len(data):
         magic, key_len, size, crc = _HEADER.unpack_from(data, offset)
         start = offset + _HEADER.size
         end = start + key_len + size
-        if magic != _MAGIC or end > len(data):
+        if magic not in (_MAGIC, _LEGACY_MAGIC) or end > len(data):
             return
         payload = view[start + key_len : end]
         if zlib.crc32(payload) != crc:
             return
         name = bytes(view[start : start + key_len]).decode()
-        if payload[:1] == b"A":
-            yield name, pa.ipc.open_stream(pa.py_buffer(payload[1:])).read_all()
-        else:
-            yield name, json.loads(bytes(payload[1:]))
         offset = end
+        if name == _END:
+            yield from (_decode(n, p) for n, p in batch)
+            batch = []
+        elif magic == _LEGACY_MAGIC:
+            yield _decode(name, payload)
+        else:
+            batch.append((name, payload))
+
+
+def _decode(name: str, payload: memoryview) -> tuple[str, pa.Table | dict[str, list]]:
+    if payload[:1] == b"A":
+        return name, pa.ipc.open_stream(arrow_owned(payload[1:])).read_all()
+    return name, json.loads(bytes(payload[1:]))
 
 
 class Journal:
@@ -93,7 +110,9 @@ class Journal:
             self.opened_us = CLOCK.now_us()
             self.current = f"{JOURNAL_DIR}/{self.owner}~{self.opened_us:014x}{SUFFIX}"
             self._fh = self.storage.open_append(self.current)  # fsyncs its folder with fsync on
-        data = b"".join(_frame(name, table) for name, table in frames)
+        # The end frame last: a batch cut short by a crash (a write() can be partial) is ignored
+        # whole on recovery, so a durability point is all or nothing.
+        data = b"".join(_frame(name, table) for name, table in frames) + _frame(_END, {})
         self._fh.write(data)
         self._fh.flush()  # into the OS: survives a crash of this process
         if self.storage.fsync:
