@@ -194,3 +194,99 @@ def test_gc_collects_artifacts_of_failed_pipelines(store, workspace, make_pipeli
 
 def test_gc_on_an_empty_workspace_removes_nothing(store):
     assert store.gc_artifacts() == 0
+
+
+# --------------------------------------------------------------------------- npz: arrays without pickle
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this makes the folder ``marker``: proof that a load ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def _npy_that_runs_code(marker: Path) -> bytes:
+    """A valid ``.npy`` holding an object array: loading it with pickle allowed makes ``marker``."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([_RunsCodeWhenUnpickled(marker)], dtype=object), allow_pickle=True)
+    return buf.getvalue()
+
+
+def test_npz_round_trips_an_array(store, workspace):
+    coef = np.asfortranarray(RNG.normal(size=(8, 3)).astype(np.float32))
+
+    artifact_id = store.save_artifact(coef, "PLSRegression", "coefficients", "npz")
+
+    loaded = store.load_artifact(artifact_id)
+    assert isinstance(loaded, np.ndarray) and loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, coef)
+    assert store.save_artifact(coef.copy(), "PLSRegression", "coefficients", "npz") == artifact_id
+    assert len(objects_on_disk(workspace)) == 1
+
+
+def test_npz_round_trips_a_dict_of_arrays_and_numbers(store):
+    model = Ridge(alpha=0.5).fit(X, Y)
+    params = {"coef": model.coef_, "intercept": float(model.intercept_), "n_iter": 3, "classes": np.array(["a", "b"])}
+
+    artifact_id = store.save_artifact(params, "Ridge", "model", "npz")
+
+    loaded = store.load_artifact(artifact_id)
+    assert sorted(loaded) == sorted(params)
+    np.testing.assert_array_equal(loaded["coef"], model.coef_)
+    assert loaded["intercept"] == params["intercept"] and loaded["n_iter"] == 3
+    assert loaded["classes"].tolist() == ["a", "b"]
+    # Key order does not change the bytes: one object, one id.
+    assert store.save_artifact(dict(reversed(list(params.items()))), "Ridge", "model", "npz") == artifact_id
+
+
+def test_npz_refuses_object_arrays_and_stores_nothing(store, workspace):
+    with pytest.raises(TypeError, match="refuses object arrays"):
+        store.save_artifact({"coef": np.ones(3), "model": np.array([Ridge()], dtype=object)}, "Ridge", "model", "npz")
+    with pytest.raises(TypeError, match="arrays and numbers only"):
+        store.save_artifact({"model": Ridge()}, "Ridge", "model", "npz")
+    assert objects_on_disk(workspace) == []
+
+
+def test_an_unknown_format_is_refused_with_the_known_ones(store, workspace):
+    with pytest.raises(ValueError, match="unknown artifact format 'numpy': use one of 'joblib', 'pickle', 'cloudpickle', 'npz'"):
+        store.save_artifact(np.ones(3), "X", "model", "numpy")
+    assert objects_on_disk(workspace) == []
+
+
+def test_a_tampered_npz_is_refused_by_its_hash_before_it_is_read(store, tmp_path):
+    from nirslake.artifacts import ArtifactIntegrityError
+
+    artifact_id = store.save_artifact(np.ones(3), "PLSRegression", "coefficients", "npz")
+    marker = tmp_path / "code-ran"
+    store.get_artifact_path(artifact_id).write_bytes(_npy_that_runs_code(marker))
+
+    with pytest.raises(ArtifactIntegrityError, match="sha256 mismatch"):
+        store.load_artifact(artifact_id)
+    assert not marker.exists()
+
+
+def test_npz_loads_without_pickle_even_when_the_bytes_hold_a_pickle(store, tmp_path):
+    """Bytes whose hash matches but which hold an object array: loading refuses to unpickle."""
+    import io
+
+    from nirslake.artifacts import put_object
+
+    marker = tmp_path / "code-ran"
+    data = _npy_that_runs_code(marker)
+    np.load(io.BytesIO(data), allow_pickle=True)  # the payload is live: with pickle allowed it runs
+    assert marker.is_dir()
+    marker.rmdir()
+    digest, rel = put_object(store.storage, data)
+    store.register_existing_artifact(digest, rel, digest, "Evil", "model", "npz", len(data))
+
+    with pytest.raises(ValueError, match="refused to load an 'npz' artifact holding object arrays"):
+        store.load_artifact(digest)
+    assert not marker.exists()

@@ -221,3 +221,49 @@ def test_a_run_and_pipeline_begun_by_another_store_can_be_completed(workspace):
         pipeline = third.get_pipeline(pipe)
         assert pipeline["status"] == "completed" and pipeline["created_at"] == created
         assert third.get_run(run)["status"] == "failed"
+
+
+def test_gc_keeps_and_records_again_an_object_saved_again_while_it_collects(workspace, monkeypatch):
+    """The worst moment: another writer saves the same bytes after gc wrote its deletion rows
+    and before it removes the object. gc looks again, keeps the bytes and records the artifact
+    anew, so the writer's chain still loads its model."""
+    import time
+
+    setup = WorkspaceStore(workspace)
+    old = setup.save_artifact([4, 5, 6], "X", "model", "pickle")
+    setup.close()
+    time.sleep(0.3)
+    collector = WorkspaceStore(workspace, grace_seconds=0.2)
+    writer = WorkspaceStore(workspace)
+    original_delete = collector._delete
+
+    def delete_then_race(kind, ids):
+        original_delete(kind, ids)
+        assert writer.save_artifact([4, 5, 6], "X", "model", "pickle") == old  # refreshes the object
+        run, pipe = _pipeline(writer)
+        writer.save_chain(pipe, [], 0, "X", "", "kfold", {"fold_0": old}, {})
+        writer.flush()
+
+    monkeypatch.setattr(collector, "_delete", delete_then_race)
+    try:
+        assert collector.gc_artifacts() == 0
+        monkeypatch.undo()
+        with WorkspaceStore(workspace, grace_seconds=0) as fresh:
+            assert fresh.load_artifact(old) == [4, 5, 6]
+            assert fresh.check().ok
+            assert fresh.gc_artifacts() == 0  # held by the writer's chain now
+    finally:
+        collector.close()
+        writer.close()
+
+
+def test_deleting_twice_is_harmless(store):
+    run, pipe = _pipeline(store)
+    pid = _predict(store, pipe)
+    keep = _predict(store, pipe)
+    assert store.delete_prediction(pid) is True
+    assert store.delete_prediction(pid) is False
+    assert store.query_predictions()["prediction_id"].to_list() == [keep]
+    assert store.delete_run(run) == 3  # the run, its pipeline and the prediction still visible
+    assert store.delete_run(run) == 0
+    assert store.get_run(run) is None and store.query_predictions().height == 0

@@ -13,19 +13,27 @@ FROM read_parquet('{lake}/tables/' || table_name || '/**/*.parquet',
 -- A compaction commit counts unless an earlier commit already replaced one of the same
 -- files: of two compactions racing over the same files, the first wins.
 CREATE OR REPLACE VIEW lake_commits AS
-WITH c AS (SELECT * EXCLUDE (_file, _row) FROM lake_files('commits'))
+WITH c AS MATERIALIZED (SELECT * EXCLUDE (_file, _row) FROM lake_files('commits'))
 SELECT * FROM c
 WHERE NOT EXISTS (
     SELECT 1 FROM c AS earlier
     WHERE earlier.commit_id < c.commit_id AND len(list_intersect(earlier.removed, c.removed)) > 0);
 
+-- Per file name of one table: whether a counting commit added it, and whether one removed it.
+CREATE OR REPLACE MACRO lake_visibility(tbl) AS TABLE
+SELECT e.name, bool_or(e.added) AS added, bool_or(NOT e.added) AS removed
+FROM (SELECT unnest(list_transform(coalesce(added, []), x -> {'name': x, 'added': true})
+                    || list_transform(coalesce(removed, []), x -> {'name': x, 'added': false})) AS e
+      FROM lake_commits WHERE table_name = tbl)
+GROUP BY e.name;
+
 -- A plain data file is visible unless a commit removed it; a compacted file only once a
--- commit added it. One commit file flips both at once, so readers never see a row twice.
-CREATE OR REPLACE MACRO lake_table(table_name) AS TABLE
-SELECT * FROM lake_files(table_name)
-WHERE (_file LIKE 'part-%'
-       OR (_file LIKE 'compact-%' AND _file IN (SELECT unnest(added) FROM lake_commits)))
-  AND _file NOT IN (SELECT unnest(removed) FROM lake_commits WHERE removed IS NOT NULL);
+-- commit added it. The commits are listed before the data files (the left side of the join
+-- is bound first): a reader that sees a commit therefore sees the file it adds.
+CREATE OR REPLACE MACRO lake_table(tbl) AS TABLE
+SELECT f.* FROM lake_visibility(tbl) AS v RIGHT JOIN lake_files(tbl) AS f ON v.name = f._file
+WHERE NOT coalesce(v.removed, false)
+  AND (f._file LIKE 'part-%' OR (f._file LIKE 'compact-%' AND coalesce(v.added, false)));
 
 CREATE OR REPLACE VIEW deletions AS
 SELECT * EXCLUDE (_file, _row) FROM lake_table('deletions');

@@ -13,13 +13,29 @@ import pyarrow as pa
 ARRAY_FIELDS = ("y_true", "y_pred", "y_proba", "sample_indices", "weights")
 
 
+def numeric(name: str, value: Any, dtype=np.float64) -> np.ndarray:
+    """``value`` as an array of ``dtype``. Text, complex numbers, dates and other objects are
+    refused rather than cast (``"1.5"`` would silently become 1.5); integers must be whole."""
+    try:
+        arr = np.asarray(value)
+        if arr.dtype.kind == "O":  # Python objects: numbers, or None for a missing float
+            arr = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"{name} must be a numeric array-like, got {type(value).__name__}: {exc}") from None
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold numbers, got {type(value).__name__} of dtype {arr.dtype}")
+    if np.dtype(dtype).kind == "i" and arr.dtype.kind in "uf" and arr.size:
+        whole = np.isfinite(arr) & (np.trunc(arr) == arr) if arr.dtype.kind == "f" else True
+        bad = ~(whole & (arr < 2.0**63) & (arr >= -(2.0**63)))
+        if bad.any():
+            raise ValueError(f"{name} must hold whole numbers that fit 64-bit integers, got {arr[bad].flat[0].item()!r}")
+    return arr.astype(dtype, copy=False)
+
+
 def as_vector(name: str, value: Any, dtype=np.float64) -> np.ndarray | None:
     if value is None:
         return None
-    try:
-        arr = np.asarray(value, dtype=dtype)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a numeric array-like, got {type(value).__name__}: {exc}") from None
+    arr = numeric(name, value, dtype)
     if arr.ndim == 2 and 1 in arr.shape:
         arr = arr.reshape(-1)
     if arr.ndim != 1:
@@ -36,7 +52,7 @@ def check_arrays(y_true, y_pred, y_proba=None, sample_indices=None, weights=None
         "weights": as_vector("weights", weights),
     }
     if y_proba is not None:
-        proba = np.asarray(y_proba, dtype=np.float64)
+        proba = numeric("y_proba", y_proba)
         if proba.ndim == 1:
             proba = proba.reshape(-1, 1)
         if proba.ndim != 2:

@@ -1,6 +1,7 @@
 """Content-addressed objects: serialise fitted objects, store them once by sha256, load them verified.
 
-Loading a pickle runs code: objects are checked against their hash before they are unpickled.
+Loading a pickle runs code: objects are checked against their hash before they are deserialised,
+and the ``npz`` format holds plain numpy arrays that load without pickle.
 """
 
 from __future__ import annotations
@@ -9,11 +10,15 @@ import hashlib
 import io
 import os
 import pickle
+import zipfile
 from typing import Any
+
+import numpy as np
 
 from .storage import Storage
 
 OBJECTS_DIR = "objects"
+FORMATS = ("joblib", "pickle", "cloudpickle", "npz")
 
 
 class ArtifactIntegrityError(ValueError):
@@ -42,7 +47,9 @@ def serialize(obj: Any, fmt: str) -> bytes:
         return buf.getvalue()
     if fmt == "cloudpickle":
         return _require("cloudpickle", fmt).dumps(obj)
-    raise ValueError(f"unknown artifact format {fmt!r}: use 'joblib', 'pickle' or 'cloudpickle'")
+    if fmt == "npz":
+        return _npz_bytes(obj)
+    raise ValueError(f"unknown artifact format {fmt!r}: use one of {', '.join(map(repr, FORMATS))}")
 
 
 def deserialize(data: bytes, fmt: str) -> Any:
@@ -51,7 +58,60 @@ def deserialize(data: bytes, fmt: str) -> Any:
     if fmt in ("pickle", "cloudpickle"):
         # cloudpickle output is a standard pickle stream; loading needs only pickle.
         return pickle.loads(data)
-    raise ValueError(f"unknown artifact format {fmt!r}: cannot load it")
+    if fmt == "npz":
+        return _npz_load(data)
+    raise ValueError(f"unknown artifact format {fmt!r}: cannot load it (known formats: {', '.join(map(repr, FORMATS))})")
+
+
+def _npz_bytes(obj: Any) -> bytes:
+    """An array as ``.npy`` bytes, a dict of arrays and numbers as a ``.npz`` zip of them.
+
+    Written by hand rather than with ``np.savez``, whose zip entries carry the current time:
+    equal content must give equal bytes (one object, one id). Keys are sorted for the same reason.
+    """
+    if isinstance(obj, np.ndarray):
+        return _npy_bytes("the array", obj)
+    if not isinstance(obj, dict):
+        raise TypeError(f"the 'npz' format stores a numpy array or a dict of str -> arrays/numbers, got {type(obj).__name__}")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key in sorted(obj, key=str):
+            value = obj[key]
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"the 'npz' format needs non-empty str keys, got {key!r}")
+            if isinstance(value, (bool, int, float, complex, np.number, np.bool_)):
+                value = np.asarray(value)
+            elif not isinstance(value, np.ndarray):
+                raise TypeError(f"the 'npz' format stores arrays and numbers only; {key!r} is a {type(value).__name__}")
+            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), _npy_bytes(repr(key), value))
+    return buf.getvalue()
+
+
+def _npy_bytes(label: str, array: np.ndarray) -> bytes:
+    if array.dtype.hasobject:
+        raise TypeError(
+            f"the 'npz' format refuses object arrays ({label} has dtype {array.dtype}): loading one needs pickle; "
+            "convert it to a numeric or string dtype, or use format 'joblib'"
+        )
+    buf = io.BytesIO()
+    # C order always: a Fortran-ordered copy of equal values must give equal bytes.
+    np.lib.format.write_array(buf, np.require(array, requirements="C"), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npz_load(data: bytes) -> Any:
+    """The array, or the dict (numbers back as numpy scalars); never unpickles."""
+    try:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:
+            arrays = {name: loaded[name] for name in loaded.files}
+        return {name: a[()] if a.ndim == 0 else a for name, a in arrays.items()}
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise ValueError(f"refused to load an 'npz' artifact holding object arrays (they need pickle): {exc}") from None
+        raise
 
 
 def sha256(data: bytes) -> str:
@@ -67,10 +127,13 @@ def put_object(storage: Storage, data: bytes) -> tuple[str, str]:
     """
     digest = sha256(data)
     rel = object_path(digest)
-    if storage.is_local and storage.exists(rel):
-        storage.touch(rel)
-    else:
-        storage.publish(rel, data, overwrite=not storage.is_local)
+    if storage.is_local:
+        try:
+            storage.touch(rel)
+            return digest, rel
+        except FileNotFoundError:
+            pass  # new, or a concurrent gc removed it this instant: write the bytes (again)
+    storage.publish(rel, data, overwrite=not storage.is_local)
     return digest, rel
 
 
@@ -90,6 +153,6 @@ def read_verified(storage: Storage, rel_or_abs: str, content_hash: str) -> bytes
     if actual != content_hash:
         raise ArtifactIntegrityError(
             f"artifact object {rel_or_abs} is corrupt: sha256 mismatch "
-            f"(expected {content_hash}, found {actual}); it was not unpickled"
+            f"(expected {content_hash}, found {actual}); it was not deserialised"
         )
     return data

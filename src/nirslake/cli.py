@@ -112,6 +112,29 @@ def cmd_catalog(args: argparse.Namespace) -> None:
     print(f"open it with: {_duckdb_cli()} -readonly {shlex.quote(path)}")
 
 
+def cmd_compact(args: argparse.Namespace) -> None:
+    with _open(args.workspace) as store:
+        result = store.compact(target_file_mb=args.target_mb, tables=args.table or None, progress=print)
+    if result.files_replaced == 0:
+        print("nothing to compact: no partition has two or more small files")
+    else:
+        print(
+            f"compacted {result.files_replaced} files into {result.files_written} "
+            f"({result.bytes_before / 1048576:.1f} MiB -> {result.bytes_after / 1048576:.1f} MiB); "
+            "the replaced files are deleted by `nirslake check --repair` or vacuum once the grace period is over"
+        )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .store import WorkspaceStore
+
+    _open(args.workspace).close()  # the clear error for a missing workspace
+    with WorkspaceStore(args.workspace, grace_seconds=args.grace_seconds) as store:
+        report = store.check(repair=args.repair, progress=print)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nirslake",
@@ -145,17 +168,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", help='e.g. "SELECT * FROM leaderboard WHERE rank <= 3"')
 
     add("catalog", cmd_catalog, "rebuild <workspace>/catalog.duckdb (views over the lake)")
+
+    p = add("compact", cmd_compact, "merge each partition's small files into larger ones (safe while others read and write)")
+    p.add_argument("--target-mb", type=float, default=128, help="size of the merged files in MiB (default 128)")
+    p.add_argument("--table", action="append", help="only this table (repeatable; default: every table)")
+
+    p = add("check", cmd_check, "verify data files, artifact hashes and parent links; list (and --repair) leftovers")
+    p.add_argument("--repair", action="store_true", help="delete leftovers older than the grace period; problems are only reported")
+    p.add_argument(
+        "--grace-seconds", type=float, default=3600,
+        help="leftovers younger than this may belong to a running writer and are kept (default 3600)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except CliError as exc:
+        code = args.func(args)
+    except (CliError, ValueError) as exc:
         print(f"nirslake: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

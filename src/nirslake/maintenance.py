@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import posixpath
 from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
 
 import polars as pl
 import pyarrow as pa
@@ -36,22 +38,31 @@ from .storage import STAGING_DIR, Storage
 NEVER_COMPACTED = ("deletions", "commits")
 
 
-def purge(storage: Storage, cache: FileCache, cutoff_us: int) -> int:
-    """Delete bytes no reader needs any more, if they became unneeded before ``cutoff_us``.
+def leftovers(storage: Storage, cache: FileCache, cutoff_us: int) -> dict[str, list[str]]:
+    """Bytes no reader needs any more, if they became unneeded before ``cutoff_us``, by kind.
 
-    That is: files a counting commit replaced, compaction output no commit made visible (a
-    crashed or losing compaction), and staging leftovers. Returns how many files went.
+    ``superseded``: files a counting commit replaced; ``uncommitted``: compaction output no
+    counting commit made visible (a crashed or losing compaction); ``staging``: half-written
+    files of crashed writers. Artifact objects are left to ``gc_artifacts`` and ``check``.
     """
     commits, added, _ = counting_commits(storage, cache)
     counted_removed = {name for created, _, removed in commits if created < cutoff_us for name in removed}
-    doomed: list[str] = []
+    found: dict[str, list[str]] = {"superseded": [], "uncommitted": [], "staging": []}
     for rel in storage.list_files("tables"):
         name = posixpath.basename(rel)
         if name in counted_removed:
-            doomed.append(rel)
+            found["superseded"].append(rel)
         elif name.startswith(COMPACT_PREFIX) and name not in added and file_stamp(name) < cutoff_us:
-            doomed.append(rel)
-    doomed += [rel for rel in storage.list_files(STAGING_DIR, suffix=".tmp") if (storage.modified_us(rel) or 0) < cutoff_us]
+            found["uncommitted"].append(rel)
+    found["staging"] = [
+        rel for rel in storage.list_files(STAGING_DIR, suffix=".tmp") if (storage.modified_us(rel) or 0) < cutoff_us
+    ]
+    return found
+
+
+def purge(storage: Storage, cache: FileCache, cutoff_us: int) -> int:
+    """Delete the :func:`leftovers` older than ``cutoff_us``; returns how many files went."""
+    doomed = [rel for rels in leftovers(storage, cache, cutoff_us).values() for rel in rels]
     cache.forget(doomed)
     return storage.delete_many(doomed)
 
@@ -61,42 +72,117 @@ def _deletions(storage: Storage, cache: FileCache) -> pl.LazyFrame:
     return pl.from_arrow(read_files(storage, S.DELETIONS, cache, rels)).lazy()
 
 
-def compact_all(storage: Storage, cache: FileCache) -> int:
-    """Compact every table that may be compacted; returns how many files were replaced."""
+# Compaction merges files smaller than half of this and writes files of about this size: big
+# enough that a scan opens few files, small enough to rewrite cheaply (Delta and Iceberg use
+# 128 MiB to 1 GiB; our rows are small and many writers append small files).
+TARGET_FILE_BYTES = 128 * 1024 * 1024
+
+
+@dataclass
+class CompactionResult:
+    """What one compaction did, per table and in total."""
+
+    files_replaced: int = 0
+    files_written: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    partitions: int = 0
+    tables: dict[str, int] = field(default_factory=dict)  # table -> files replaced
+
+    def add(self, other: "CompactionResult", table: str) -> None:
+        self.files_replaced += other.files_replaced
+        self.files_written += other.files_written
+        self.bytes_before += other.bytes_before
+        self.bytes_after += other.bytes_after
+        self.partitions += other.partitions
+        self.tables[table] = self.tables.get(table, 0) + other.files_replaced
+
+
+def compact_all(
+    storage: Storage,
+    cache: FileCache,
+    target_bytes: int = TARGET_FILE_BYTES,
+    tables: list[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CompactionResult:
+    """Compact every table that may be compacted (or only ``tables``)."""
+    names = [n for n in S.TABLES if n not in NEVER_COMPACTED] if tables is None else list(tables)
+    for name in names:
+        if name not in S.TABLES:
+            raise ValueError(f"unknown table {name!r}: choose among {', '.join(S.TABLES)}")
+        if name in NEVER_COMPACTED:
+            raise ValueError(f"table {name!r} is never compacted (its rows are the read rules)")
     deletions = _deletions(storage, cache)  # compaction adds no deletion: read them once
-    return sum(
-        compact_table(storage, cache, tdef, deletions=deletions)
-        for tdef in S.TABLES.values()
-        if tdef.name not in NEVER_COMPACTED
-    )
+    total = CompactionResult()
+    for name in names:
+        one = compact_table(storage, cache, S.TABLES[name], target_bytes=target_bytes, deletions=deletions)
+        total.add(one, name)
+        if progress is not None and one.files_replaced:
+            progress(
+                f"{name}: {one.files_replaced} files ({_mib(one.bytes_before)}) -> "
+                f"{one.files_written} ({_mib(one.bytes_after)}) in {one.partitions} partition(s)"
+            )
+    return total
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"
+
+
+def _encode_in_pieces(table: pa.Table, row_group_rows: int | None, target_bytes: int) -> list[bytes]:
+    """Parquet files of about ``target_bytes`` each (none for no rows): encoded whole, then, when
+    larger than the target, in as many equal slices of rows as the target needs."""
+    if table.num_rows == 0:
+        return []
+    whole = to_parquet_bytes(table, row_group_rows)
+    pieces = min(table.num_rows, -(-len(whole) // target_bytes))
+    if pieces <= 1:
+        return [whole]
+    step = -(-table.num_rows // pieces)
+    return [to_parquet_bytes(table.slice(start, step), row_group_rows) for start in range(0, table.num_rows, step)]
 
 
 def compact_table(
-    storage: Storage, cache: FileCache, tdef: S.TableDef, min_files: int = 2, deletions: pl.LazyFrame | None = None
-) -> int:
-    """Compact every partition of ``tdef`` that has ``min_files`` or more data files.
+    storage: Storage,
+    cache: FileCache,
+    tdef: S.TableDef,
+    min_files: int = 2,
+    deletions: pl.LazyFrame | None = None,
+    target_bytes: int = TARGET_FILE_BYTES,
+) -> CompactionResult:
+    """Merge the small files (under half of ``target_bytes``) of each partition of ``tdef``.
 
-    Returns how many files were replaced. ``deletions`` and ``commits`` are never compacted.
+    A partition is compacted when it has ``min_files`` or more small files. The merged rows,
+    without superseded versions and deleted rows, are written as ``compact-`` files of about
+    ``target_bytes`` each, then one commit swaps them in (lake spec §4).
     """
     if tdef.name in NEVER_COMPACTED:
         raise ValueError(f"table {tdef.name!r} is never compacted")
+    if target_bytes <= 0:
+        raise ValueError(f"target_bytes must be positive, got {target_bytes}")
     state = commit_state(storage, cache)
     if deletions is None:
         deletions = _deletions(storage, cache)
-    folders: dict[str, list[str]] = defaultdict(list)
+    folders: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for rel in visible_files(storage, tdef, cache, state=state):
-        if not is_schema_file(rel):
-            folders[posixpath.dirname(rel)].append(rel)
-    replaced = 0
-    for folder, rels in sorted(folders.items()):
-        if len(rels) < min_files:
+        if is_schema_file(rel):
             continue
+        size = storage.size(rel)
+        if size < target_bytes // 2:
+            folders[posixpath.dirname(rel)].append((rel, size))
+    result = CompactionResult()
+    for folder, entries in sorted(folders.items()):
+        if len(entries) < min_files:
+            continue
+        rels = [rel for rel, _ in entries]
+        size_in = sum(size for _, size in entries)
         merged = resolve(pl.from_arrow(read_files(storage, tdef, cache, rels)).lazy(), tdef, deletions).collect()
-        added = []
-        if merged.height:
+        added, size_out = [], 0
+        for data in _encode_in_pieces(conform(merged.to_arrow(), tdef.schema), tdef.row_group_rows, target_bytes):
             name = new_file_name(COMPACT_PREFIX)
-            storage.publish(f"{folder}/{name}", to_parquet_bytes(conform(merged.to_arrow(), tdef.schema)))
+            storage.publish(f"{folder}/{name}", data)
             added.append(name)
+            size_out += len(data)
         commit = {
             "commit_id": [new_id()],
             "table_name": [tdef.name],
@@ -104,8 +190,14 @@ def compact_table(
             "removed": [[posixpath.basename(r) for r in rels]],
             "created_at": [CLOCK.now_us()],
         }
+        # The commit is published after every file it adds: a reader that lists the commits
+        # first (as all of ours do) finds each added file in its later listing of the data.
         storage.publish(f"{S.COMMITS.dir}/{new_file_name()}", to_parquet_bytes(pa.Table.from_pydict(commit, schema=S.COMMITS.schema)))
         # The replaced files are hidden now; their bytes stay until ``purge`` finds the commit
         # older than the grace period, so a reader that listed them a moment ago can still read them.
-        replaced += len(rels)
-    return replaced
+        result.files_replaced += len(rels)
+        result.files_written += len(added)
+        result.bytes_before += size_in
+        result.bytes_after += size_out
+        result.partitions += 1
+    return result

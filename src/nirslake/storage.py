@@ -11,6 +11,7 @@ import uuid
 from typing import Any, Iterable
 
 import fsspec
+import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 STAGING_DIR = "_staging"
@@ -63,6 +64,18 @@ class Storage:
     def open(self, rel: str, mode: str = "rb") -> Any:
         return self.fs.open(self.path(rel), mode)
 
+    def open_arrow(self, rel: str) -> pa.NativeFile:
+        """A file for pyarrow readers, never backed by Python objects.
+
+        pyarrow reading through a Python file object (or from Python ``bytes``) leaves buffers
+        that its I/O threads may release during interpreter shutdown, which aborts the process
+        ("terminate called without an active exception", apache/arrow#34314). Local files are
+        opened natively; remote ones are read into Arrow-owned memory.
+        """
+        if self.is_local:
+            return pa.OSFile(self.path(rel))
+        return pa.BufferReader(arrow_owned(self.read_bytes(rel)))
+
     def list_files(self, rel_dir: str, suffix: str = ".parquet") -> list[str]:
         """Workspace-relative paths of every file below ``rel_dir`` ending in ``suffix``.
 
@@ -87,6 +100,12 @@ class Storage:
             return int(self.fs.modified(self.path(rel)).timestamp() * 1e6)
         except FileNotFoundError:
             return None
+
+    def size(self, rel: str) -> int:
+        """Size in bytes (a ``stat`` locally, a HEAD request on object stores)."""
+        if self.is_local:
+            return os.stat(self.path(rel)).st_size
+        return int(self.fs.size(self.path(rel)))
 
     # -- writing -------------------------------------------------------------
     def touch(self, rel: str) -> None:
@@ -152,6 +171,15 @@ class Storage:
 
     def delete_many(self, rels: Iterable[str]) -> int:
         return sum(self.delete(r) for r in rels)
+
+
+def arrow_owned(data: bytes) -> pa.Buffer:
+    """A copy of ``data`` in Arrow's memory pool (see ``Storage.open_arrow`` for why)."""
+    buf = pa.allocate_buffer(len(data))
+    writer = pa.FixedSizeBufferWriter(buf)
+    writer.write(data)
+    writer.close()
+    return buf
 
 
 def _scan_local(path: str, rel: str, suffix: str, out: list[str]) -> None:

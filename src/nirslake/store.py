@@ -17,7 +17,7 @@ import zipfile
 from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import polars as pl
@@ -34,8 +34,19 @@ from .tables import CLOCK, FileCache, Snapshot, lookup, new_id, read_files, sche
 from .journal import orphaned_segments
 from .writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, DEFAULT_FLUSH_SECONDS, LakeWriter, flush_left_open, publish_segment
 
+if TYPE_CHECKING:
+    from .check import CheckReport
+    from .maintenance import CompactionResult
+
 # How long gc_artifacts and vacuum leave alone what another writer or reader may still use.
 DEFAULT_GRACE_SECONDS = 3600.0
+
+# Limits on one call's values (docs/bad-input.md). Far above real use, so they only stop a
+# mistake (a spectra matrix passed as a config, a file's text as a name) at the call, before it
+# bloats every later read of the table; checked before any conversion.
+MAX_NAME_CHARS = 65_536  # one name, class, label or id
+MAX_JSON_CHARS = 8 * 1024 * 1024  # one JSON field (config, scores, ...; ASCII, so also bytes) or free text (error, message)
+MAX_ARRAY_VALUES = 2**24  # one per-sample array (y_proba counts samples x classes): 128 MiB of float64
 
 _PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "branch_id", "pipeline_id", "run_id")
 
@@ -48,11 +59,14 @@ def _json(value: Any, field: str) -> str | None:
         return "{}" if isinstance(value, dict) else "[]"
     try:
         try:
-            return json.dumps(value, default=_json_default, allow_nan=False)
-        except ValueError:  # a NaN or infinity somewhere: rare, so only then walk the value
-            return json.dumps(_finite(value), default=_json_default, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+            text = json.dumps(value, default=_json_default, allow_nan=False)
+        except ValueError as exc:  # a NaN or infinity somewhere: rare, so only then walk the value
+            if "ircular" in str(exc):  # a value that contains itself: walking it would never end
+                raise
+            text = json.dumps(_finite(value), default=_json_default, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"{field} must be JSON-serialisable: {exc}") from None
+    return _sized(field, text, MAX_JSON_CHARS)
 
 
 def _finite(value: Any) -> Any:
@@ -103,7 +117,47 @@ def _opt_int(name: str, value: Any) -> int | None:
         raise TypeError(f"{name} must be an integer or None, got {value!r}")
     if isinstance(value, (float, np.floating)) and not float(value).is_integer():
         raise TypeError(f"{name} must be an integer or None, got {value!r}")
+    number = int(value)
+    if not -(2**63) <= number < 2**63:  # caught here, not when the journal is published
+        raise ValueError(f"{name} is out of range for a 64-bit integer: {number}")
+    return number
+
+
+def _count(name: str, value: Any, allow_none: bool = False) -> int | None:
+    """A limit or offset: a non-negative integer (or None where allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a non-negative integer{' or None' if allow_none else ''}, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
+
+
+def _fold_id(value: Any) -> str | None:
+    """Fold ids are stored as text: ``0`` and ``"0"`` are one fold."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, np.integer)):
+        raise TypeError(f"fold_id must be a string or an integer, got {type(value).__name__}")
+    return _text("fold_id", str(value))
+
+
+def _array_size(name: str, value: Any) -> None:
+    """Refuse an array of more than ``MAX_ARRAY_VALUES`` values, from its shape or length alone."""
+    shape = getattr(value, "shape", None)
+    try:
+        size = math.prod(shape) if isinstance(shape, tuple) else len(value)
+    except TypeError:  # None, a scalar, an iterator: check_arrays says what is wrong with it
+        return
+    if size > MAX_ARRAY_VALUES:
+        raise ValueError(f"{name} is too large: {size:,} values (the limit is {MAX_ARRAY_VALUES:,})")
+
+
+def _mapping(name: str, value: Any) -> dict | None:
+    if value is not None and not isinstance(value, dict):
+        raise TypeError(f"{name} must be a dict or None, got {type(value).__name__}")
+    return value
 
 
 def _text(name: str, value: Any, allow_none: bool = True) -> str | None:
@@ -111,7 +165,26 @@ def _text(name: str, value: Any, allow_none: bool = True) -> str | None:
         return None
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, got {type(value).__name__}")
-    return value
+    return _sized(name, value, MAX_NAME_CHARS)
+
+
+def _free_text(name: str, value: Any) -> str | None:
+    """Text callers may pass as any object (an exception as ``error``): kept as ``str(value)``."""
+    return None if value is None else _sized(name, str(value), MAX_JSON_CHARS)
+
+
+def _sized(name: str, text: str, limit: int) -> str:
+    """``text`` if it fits ``limit`` characters and Parquet can store it (UTF-8)."""
+    if len(text) > limit:
+        raise ValueError(f"{name} is too large: {len(text):,} characters (the limit is {limit:,})")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a file name that is not UTF-8
+            raise ValueError(
+                f"{name} is not valid Unicode text ({exc.reason} at position {exc.start}); Parquet stores UTF-8"
+            ) from None
+    return text
 
 
 def _with_suffix(output_path: str | os.PathLike, suffix: str) -> Path:
@@ -177,6 +250,7 @@ class WorkspaceStore:
         # What this process wrote, so hot-path writes never scan the lake to find a parent.
         self._known_runs: _Recent = _Recent(1_000)
         self._known_pipelines: _Recent = _Recent(10_000)
+        self._known_chains: _Recent = _Recent(10_000)  # id -> pipeline_id
         self._known_predictions: _Recent = _Recent(100_000)  # id -> (run_id, dataset_name)
         self._known_artifacts: set[str] = set()
         self._closed = False
@@ -301,6 +375,7 @@ class WorkspaceStore:
         return frame.drop([c for c in ("_version", "artifact_ids") if c in frame.columns])
 
     def _require_run(self, run_id: str) -> dict:
+        _text("run_id", run_id, allow_none=False)
         row = self._known_runs.get(run_id) or self._row(S.RUNS, run_id)
         if row is None:
             raise KeyError(f"unknown run_id {run_id!r}")
@@ -308,14 +383,27 @@ class WorkspaceStore:
         return row
 
     def _require_pipeline(self, pipeline_id: str) -> dict:
+        _text("pipeline_id", pipeline_id, allow_none=False)
         row = self._known_pipelines.get(pipeline_id) or self._row(S.PIPELINES, pipeline_id)
         if row is None:
             raise KeyError(f"unknown pipeline_id {pipeline_id!r}")
         self._known_pipelines[pipeline_id] = row
         return row
 
+    def _require_chain(self, chain_id: str, pipeline_id: str) -> None:
+        """A prediction's chain exists and is one of its pipeline's."""
+        owner = self._known_chains.get(chain_id)
+        if owner is None:
+            row = self._row(S.CHAINS, chain_id)
+            if row is None:
+                raise KeyError(f"unknown chain_id {chain_id!r}")
+            owner = self._known_chains[chain_id] = row["pipeline_id"]
+        if owner != pipeline_id:
+            raise ValueError(f"chain_id {chain_id!r} belongs to pipeline {owner!r}, not to pipeline_id {pipeline_id!r}")
+
     def _prediction_owner(self, prediction_id: str) -> tuple[str, str] | None:
         """(run_id, dataset_name) of a prediction; looked up without flushing, then remembered."""
+        _text("prediction_id", prediction_id, allow_none=False)
         owner = self._known_predictions.get(prediction_id)
         if owner is None:
             row = self._row(S.PREDICTIONS, prediction_id, snap=self._snapshot(publish=False, tables=("predictions",)))
@@ -369,10 +457,11 @@ class WorkspaceStore:
 
     def fail_run(self, run_id: str, error: str) -> None:
         """Mark the run ``failed`` and keep ``error``: a durability point."""
-        self._finish("runs", run_id, status="failed", error=str(error))
+        self._finish("runs", run_id, status="failed", error=_free_text("error", error))
 
     def get_run(self, run_id: str) -> dict | None:
         """The run as a dict (JSON fields decoded), or None."""
+        _text("run_id", run_id, allow_none=False)
         with self._lock:
             self._check_open()
             row = self._row(S.RUNS, run_id)
@@ -385,6 +474,9 @@ class WorkspaceStore:
 
     def list_runs(self, status: str | None = None, dataset: str | None = None, limit: int = 100, offset: int = 0) -> pl.DataFrame:
         """Runs, newest first, optionally by status and by a dataset name they mention."""
+        _text("status", status)
+        _text("dataset", dataset)
+        limit, offset = _count("limit", limit, allow_none=True), _count("offset", offset)
         with self._lock:
             self._check_open()
             frame = self._frame(S.RUNS)
@@ -418,7 +510,7 @@ class WorkspaceStore:
                 "expanded_config": _json(expanded_config, "expanded_config"),
                 "generator_choices": _json(generator_choices, "generator_choices"),
                 "dataset_name": dataset_name,
-                "dataset_hash": None if dataset_hash is None else str(dataset_hash),
+                "dataset_hash": _free_text("dataset_hash", dataset_hash),
                 "status": "running",
                 "created_at": now,
                 "completed_at": None,
@@ -447,10 +539,11 @@ class WorkspaceStore:
 
     def fail_pipeline(self, pipeline_id: str, error: str) -> None:
         """Mark the pipeline ``failed``: its chains stop holding artifacts. A durability point."""
-        self._finish("pipelines", pipeline_id, status="failed", error=str(error))
+        self._finish("pipelines", pipeline_id, status="failed", error=_free_text("error", error))
 
     def get_pipeline(self, pipeline_id: str) -> dict | None:
         """The pipeline as a dict (JSON fields decoded), or None."""
+        _text("pipeline_id", pipeline_id, allow_none=False)
         with self._lock:
             self._check_open()
             row = self._row(S.PIPELINES, pipeline_id)
@@ -463,6 +556,8 @@ class WorkspaceStore:
 
     def list_pipelines(self, run_id: str | None = None, dataset_name: str | None = None) -> pl.DataFrame:
         """Pipelines, newest first, optionally of one run and/or one dataset."""
+        _text("run_id", run_id)
+        _text("dataset_name", dataset_name)
         with self._lock:
             self._check_open()
             frame = self._frame(S.PIPELINES)
@@ -506,7 +601,7 @@ class WorkspaceStore:
                 "model_step_idx": _opt_int("model_step_idx", model_step_idx),
                 "model_class": _text("model_class", model_class),
                 "preprocessings": _text("preprocessings", preprocessings),
-                "fold_strategy": None if fold_strategy is None else str(fold_strategy),
+                "fold_strategy": _free_text("fold_strategy", fold_strategy),
                 "fold_artifacts": _json(fold_artifacts, "fold_artifacts"),
                 "shared_artifacts": _json(shared_artifacts, "shared_artifacts"),
                 "branch_path": _json(branch_path, "branch_path"),
@@ -514,11 +609,13 @@ class WorkspaceStore:
                 "artifact_ids": sorted(str(a) for a in held),
                 "created_at": CLOCK.now_us(),
             }
+            self._known_chains[row["chain_id"]] = pipeline_id
             self._buffer("chains", row)
             return row["chain_id"]
 
     def get_chain(self, chain_id: str) -> dict | None:
         """The chain as a dict (steps, fold_artifacts, shared_artifacts, branch_path decoded), or None."""
+        _text("chain_id", chain_id, allow_none=False)
         with self._lock:
             self._check_open()
             row = self._row(S.CHAINS, chain_id)
@@ -531,6 +628,7 @@ class WorkspaceStore:
 
     def get_chains_for_pipeline(self, pipeline_id: str) -> pl.DataFrame:
         """The pipeline's chains, in creation order."""
+        _text("pipeline_id", pipeline_id, allow_none=False)
         with self._lock:
             self._check_open()
             frame = self._frame(S.CHAINS).filter(pl.col("pipeline_id") == pipeline_id)
@@ -567,6 +665,8 @@ class WorkspaceStore:
             self._check_open()
             pipeline = self._require_pipeline(pipeline_id)
             _text("dataset_name", dataset_name, allow_none=False)
+            if chain_id is not None:
+                self._require_chain(_text("chain_id", chain_id), pipeline_id)
             if prediction_id is None:
                 pid = new_id()
             else:
@@ -588,7 +688,7 @@ class WorkspaceStore:
                 "dataset_name": dataset_name,
                 "model_name": _text("model_name", model_name),
                 "model_class": _text("model_class", model_class),
-                "fold_id": None if fold_id is None else str(fold_id),
+                "fold_id": _fold_id(fold_id),
                 "partition": _text("partition", partition),
                 "val_score": _opt_float("val_score", val_score),
                 "test_score": _opt_float("test_score", test_score),
@@ -597,8 +697,8 @@ class WorkspaceStore:
                 "task_type": _text("task_type", task_type),
                 "n_samples": _opt_int("n_samples", n_samples),
                 "n_features": _opt_int("n_features", n_features),
-                "scores": _json(scores, "scores"),
-                "best_params": _json(best_params, "best_params"),
+                "scores": _json(_mapping("scores", scores), "scores"),
+                "best_params": _json(_mapping("best_params", best_params), "best_params"),
                 "branch_id": _opt_int("branch_id", branch_id),
                 "branch_name": _text("branch_name", branch_name),
                 "exclusion_count": _opt_int("exclusion_count", exclusion_count),
@@ -628,13 +728,19 @@ class WorkspaceStore:
                 owner = self._prediction_owner(prediction_id)
             if owner is None:
                 raise KeyError(f"unknown prediction_id {prediction_id!r}")
-            arrays = check_arrays(y_true, y_pred, y_proba, sample_indices, weights)
+            given = {"y_true": y_true, "y_pred": y_pred, "y_proba": y_proba, "sample_indices": sample_indices, "weights": weights}
+            for field, value in given.items():  # before converting: an oversized view costs nothing yet
+                _array_size(field, value)
+            arrays = check_arrays(**given)
+            for field, value in arrays.items():  # nested lists only show their full size once converted
+                _array_size(field, value)
             self._writer.add_arrays(
                 {"prediction_id": prediction_id, "run_id": owner[0], "dataset_name": owner[1], "_version": CLOCK.now_us(), **arrays}
             )
 
     def get_prediction(self, prediction_id: str, load_arrays: bool = False) -> dict | None:
         """The prediction as a dict, or None; with ``load_arrays`` also its arrays as numpy (or None)."""
+        _text("prediction_id", prediction_id, allow_none=False)
         with self._lock:
             self._check_open()
             snap = self._snapshot()
@@ -672,10 +778,12 @@ class WorkspaceStore:
     ) -> pl.DataFrame:
         """Predictions matching every given filter (``%`` in a string makes it a LIKE pattern); no arrays."""
         filters = dict(zip(_PREDICTION_FILTERS, (dataset_name, model_class, partition, fold_id, branch_id, pipeline_id, run_id)))
+        exprs = _filter_exprs(filters)  # checked before any read
+        limit, offset = _count("limit", limit, allow_none=True), _count("offset", offset)
         with self._lock:
             self._check_open()
             frame = self._predictions(dataset_name)
-        frame = frame.filter(*_filter_exprs(filters)) if any(v is not None for v in filters.values()) else frame
+        frame = frame.filter(*exprs) if exprs else frame
         frame = frame.sort(["created_at", "prediction_id"]).slice(offset, limit)
         return frame.collect()
 
@@ -697,16 +805,19 @@ class WorkspaceStore:
             raise ValueError(f"Invalid group_by column: {group_by!r} (choose one of {', '.join(columns)})")
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        if not isinstance(ascending, (bool, np.bool_)):
+            raise TypeError(f"ascending must be True or False, got {ascending!r}")
+        exprs = _filter_exprs({"partition": partition, "dataset_name": dataset_name})
         with self._lock:
             self._check_open()
             frame = self._predictions(dataset_name)
-        filters = {"partition": partition, "dataset_name": dataset_name}
-        if any(v is not None for v in filters.values()):
-            frame = frame.filter(*_filter_exprs(filters))
+        if exprs:
+            frame = frame.filter(*exprs)
         return top_k(frame, int(n), score=metric, by=group_by, ascending=ascending)
 
     def delete_prediction(self, prediction_id: str) -> bool:
         """Delete one prediction and its arrays; False when it did not exist."""
+        _text("prediction_id", prediction_id, allow_none=False)
         with self._lock:
             self._check_open()
             if self._row(S.PREDICTIONS, prediction_id) is None:
@@ -724,7 +835,13 @@ class WorkspaceStore:
 
     # ------------------------------------------------------------------ artifacts
     def save_artifact(self, obj: Any, operator_class: str, artifact_type: str, format: str) -> str:
-        """Serialise ``obj`` and store it by content; identical content gives the same id, stored once."""
+        """Serialise ``obj`` and store it by content; identical content gives the same id, stored once.
+
+        ``format``: ``joblib``, ``pickle``, ``cloudpickle`` (they run code when loaded), or ``npz``
+        for a numpy array or a dict of arrays and numbers (loaded without pickle).
+        """
+        _text("operator_class", operator_class)  # checked before any bytes are stored
+        _text("artifact_type", artifact_type)
         data = art.serialize(obj, format)
         with self._lock:
             self._check_open()
@@ -783,6 +900,7 @@ class WorkspaceStore:
             return artifact_id
 
     def _artifact(self, artifact_id: str) -> dict:
+        _text("artifact_id", artifact_id, allow_none=False)
         row = self._row(S.ARTIFACTS, artifact_id)
         if row is None:
             raise KeyError(f"unknown artifact_id {artifact_id!r}")
@@ -849,10 +967,24 @@ class WorkspaceStore:
             self._delete("artifact", [row["artifact_id"] for row in doomed])
             doomed_ids = {row["artifact_id"] for row in doomed}
             kept_paths = set(artifacts.filter(~pl.col("artifact_id").is_in(list(doomed_ids)))["path"].to_list())
+            revived = []
             for rel in {row["path"] for row in doomed} - kept_paths:
-                if _is_object(rel):
+                if not _is_object(rel):
+                    continue
+                if (self._storage.modified_us(rel) or 0) < cutoff:
                     self._storage.delete(rel)
-            return len(doomed)
+                else:
+                    # Saved again by another writer since we looked (its record is not published
+                    # yet, and the deletion above hides records up to now): keep the bytes and
+                    # record the artifact anew, so that writer's chain still finds it.
+                    revived += [row for row in doomed if row["path"] == rel]
+            self._known_artifacts.update(row["artifact_id"] for row in revived)
+            for row in revived:
+                fields = ("artifact_id", "content_hash", "path", "operator_class", "artifact_type", "format", "size_bytes")
+                self._buffer("artifacts", {**{k: row[k] for k in fields}, "created_at": CLOCK.now_us()})
+            if revived:
+                self._publish()
+            return len(doomed) - len(revived)
 
     # ------------------------------------------------------------------ logs
     def log_step(
@@ -881,7 +1013,7 @@ class WorkspaceStore:
                     "operator_class": _text("operator_class", operator_class),
                     "event": _text("event", event, allow_none=False),
                     "duration_ms": _opt_float("duration_ms", duration_ms),
-                    "message": None if message is None else str(message),
+                    "message": _free_text("message", message),
                     "details": _json(details, "details"),
                     "level": _text("level", level, allow_none=False),
                     "created_at": now,
@@ -891,6 +1023,7 @@ class WorkspaceStore:
 
     def get_pipeline_log(self, pipeline_id: str) -> pl.DataFrame:
         """The pipeline's step events, ordered by step, then time."""
+        _text("pipeline_id", pipeline_id, allow_none=False)
         with self._lock:
             self._check_open()
             frame = self._frame(S.LOGS).filter(pl.col("pipeline_id") == pipeline_id)
@@ -898,6 +1031,7 @@ class WorkspaceStore:
 
     def get_run_log_summary(self, run_id: str) -> pl.DataFrame:
         """One row per pipeline of the run: log count, total ``end`` duration, warnings, errors."""
+        _text("run_id", run_id, allow_none=False)
         with self._lock:
             self._check_open()
             pipelines = self._frame(S.PIPELINES).filter(pl.col("run_id") == run_id).select("pipeline_id", "name", "dataset_name", "created_at")
@@ -1007,6 +1141,7 @@ class WorkspaceStore:
         Counted: the run, its pipelines, chains, predictions and log events. One deletion record
         hides them all at once; ``vacuum()`` reclaims their space.
         """
+        _text("run_id", run_id, allow_none=False)
         with self._lock:
             self._check_open()
             if self._row(S.RUNS, run_id) is None:
@@ -1018,23 +1153,70 @@ class WorkspaceStore:
             self._known_runs.pop(run_id, None)
             for pid in [p for p, row in self._known_pipelines.items() if row["run_id"] == run_id]:
                 del self._known_pipelines[pid]
+            for pid in [p for p, (owner, _) in self._known_predictions.items() if owner == run_id]:
+                del self._known_predictions[pid]
             if delete_artifacts:
                 self.gc_artifacts()
             return count
 
     def vacuum(self) -> None:
-        """Reclaim space: merge each partition's files without deleted or superseded rows.
+        """Reclaim space: merge each partition's small files without deleted or superseded rows.
 
         Readers never see the swap (lake spec §4). The replaced files' bytes are deleted by a
         later vacuum, once hidden for longer than ``grace_seconds``.
         """
-        from .maintenance import compact_all, purge
+        from .maintenance import purge
+
+        with self._lock:
+            self.compact()
+            purge(self._storage, self._cache, CLOCK.now_us() - self._grace_us)
+
+    # ------------------------------------------------------------------ maintenance (beyond the seed API)
+    def compact(
+        self,
+        target_file_mb: float = 128,
+        tables: list[str] | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> "CompactionResult":
+        """Merge each partition's small files into files of about ``target_file_mb`` MiB.
+
+        Files under half the target are merged; superseded versions and deleted rows are dropped.
+        Safe while other processes read and write: one commit record swaps the files, so every
+        reader sees either the old files or the new ones (lake spec §4). ``tables`` limits it to
+        some tables; ``progress`` receives one line per compacted table.
+        """
+        from .maintenance import compact_all
+
+        if not isinstance(target_file_mb, (int, float)) or isinstance(target_file_mb, bool) or not target_file_mb > 0:
+            raise ValueError(f"target_file_mb must be a positive number, got {target_file_mb!r}")
+        with self._lock:
+            self._check_open()
+            self._publish()
+            return compact_all(
+                self._storage, self._cache, int(target_file_mb * 1048576), tables=tables, progress=progress
+            )
+
+    def check(self, repair: bool = False, progress: Callable[[str], None] | None = None) -> "CheckReport":
+        """Verify the workspace: every data file opens, every artifact's bytes match their
+        sha256, every prediction's chain, pipeline and run (and every chain's artifacts) exist.
+
+        Also lists leftovers (staging files, replaced or uncommitted compaction files,
+        unreferenced objects) older than ``grace_seconds``; ``repair=True`` deletes those.
+        Problems are reported, never repaired. Returns a :class:`~nirslake.check.CheckReport`.
+        """
+        from .check import check_workspace
 
         with self._lock:
             self._check_open()
             self._publish()
-            compact_all(self._storage, self._cache)
-            purge(self._storage, self._cache, CLOCK.now_us() - self._grace_us)
+            return check_workspace(
+                self._storage,
+                self._cache,
+                lambda tdef: self._frame(tdef).collect(),
+                CLOCK.now_us() - self._grace_us,
+                repair=repair,
+                progress=progress,
+            )
 
     # ------------------------------------------------------------------ SQL and catalog
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
@@ -1107,11 +1289,13 @@ def _filter_exprs(filters: dict[str, Any]) -> list[pl.Expr]:
         if value is None:
             continue
         if column == "fold_id":
-            value = str(value)
+            value = _fold_id(value)
         if column == "branch_id":
             exprs.append(pl.col(column) == _opt_int("branch_id", value))
-        elif isinstance(value, str) and "%" in value:
-            pattern = "^" + ".*".join(re.escape(p) for p in value.split("%")) + "$"
+            continue
+        _text(column, value)
+        if "%" in value:
+            pattern = "(?s)^" + ".*".join(re.escape(p) for p in value.split("%")) + "$"
             exprs.append(pl.col(column).str.contains(pattern))
         else:
             exprs.append(pl.col(column) == value)

@@ -66,6 +66,8 @@ def encode_partition_value(value: str | None) -> str:
     encoded = urllib.parse.quote(value, safe="").replace("~", "%7E")
     if encoded in ("", ".", ".."):
         encoded = "".join(f"%{b:02X}" for b in value.encode()) if value else "__empty__"
+    elif encoded in ("__empty__", "__null__"):
+        encoded = "%5F" + encoded[1:]  # the names themselves must not share the sentinels' folders
     if len(encoded) > MAX_PARTITION_NAME:
         digest = hashlib.sha256(value.encode()).hexdigest()[:16]
         encoded = f"{encoded[: MAX_PARTITION_NAME - 17]}~{digest}"
@@ -156,7 +158,7 @@ class FileCache:
             hit = self._tables.get(rel)
         if hit is not None:
             return hit
-        with storage.open(rel) as fh:
+        with storage.open_arrow(rel) as fh:
             table = conform(pq.read_table(fh), schema)
         with self._lock:
             self._tables[rel] = table
@@ -199,7 +201,7 @@ class FileCache:
         with self._lock:
             hit = self._footers.get(rel)
         if hit is None:
-            with storage.open(rel) as fh:
+            with storage.open_arrow(rel) as fh:
                 hit = pq.ParquetFile(fh).metadata
             with self._lock:
                 self._footers[rel] = hit
@@ -264,15 +266,20 @@ class Snapshot:
 
 
 def take_snapshot(storage: Storage, cache: FileCache, tables: tuple[str, ...] | None = None) -> Snapshot:
-    """List the lake once: every table, or only ``tables`` (plus the commits, always needed)."""
+    """List the lake once: every table, or only ``tables`` (plus the commits, always needed).
+
+    The commits are listed **before** any data file (lake spec §4): a commit is published only
+    after the files it adds, so every commit this listing sees has its files in the listing too.
+    """
+    commit_rels = storage.list_files(COMMITS.dir)
     if tables is None:
-        rels = storage.list_files("tables")
+        rels = [r for r in storage.list_files("tables") if r.split("/", 2)[1] != COMMITS.name]
     else:
-        rels = [rel for name in sorted({*tables, COMMITS.name}) for rel in storage.list_files(f"tables/{name}")]
-    grouped: dict[str, list[str]] = {}
+        rels = [rel for name in sorted(set(tables) - {COMMITS.name}) for rel in storage.list_files(f"tables/{name}")]
+    grouped: dict[str, list[str]] = {COMMITS.name: commit_rels}
     for rel in rels:
         grouped.setdefault(rel.split("/", 2)[1], []).append(rel)
-    added, removed = commit_state(storage, cache, grouped.get(COMMITS.name, []))
+    added, removed = commit_state(storage, cache, commit_rels)
     files = {
         name: rels if name == COMMITS.name else [r for r in rels if is_visible(posixpath.basename(r), added, removed)]
         for name, rels in grouped.items()
@@ -308,7 +315,7 @@ def lookup(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str], 
         meta = cache.metadata(storage, rel)
         groups = [g for g, (low, high) in enumerate(cache.key_ranges(storage, rel, tdef.key)) if any(low <= k <= high for k in keys)]
         if groups:
-            with storage.open(rel) as fh:
+            with storage.open_arrow(rel) as fh:
                 part = pq.ParquetFile(fh, metadata=meta).read_row_groups(groups)  # footer parsed once
             found.append(conform(part.filter(pc.is_in(part.column(tdef.key), pa.array(sorted(keys)))), tdef.schema))
     return pa.concat_tables(found) if found else tdef.schema.empty_table()
