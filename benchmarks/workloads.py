@@ -68,6 +68,11 @@ def peak_rss_mb() -> float:
 
 
 def disk_bytes(path: str) -> int:
+    if "://" in path:  # a bucket: what the store holds there
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path)
+        return int(fs.du(root))
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:

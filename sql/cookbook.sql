@@ -33,7 +33,7 @@ WITH best AS (
     QUALIFY row_number() OVER (PARTITION BY dataset_name ORDER BY val_score) = 1
 )
 SELECT b.dataset_name, b.model_name, len(a.y_true) AS n,
-       round(sqrt(list_avg(list_transform(list_zip(a.y_true, a.y_pred), x -> (x[1] - x[2]) ^ 2))), 4) AS rmse_from_arrays
+       round(sqrt(list_avg(list_transform(list_zip(a.y_true, a.y_pred), lambda x: (x[1] - x[2]) ^ 2))), 4) AS rmse_from_arrays
 FROM best AS b JOIN prediction_arrays AS a USING (prediction_id)
 ORDER BY b.dataset_name;
 

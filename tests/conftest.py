@@ -6,17 +6,90 @@ run against other backends (local folder, S3) by parametrising that one fixture.
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+import uuid
 from dataclasses import dataclass
 
+import fsspec
 import pytest
 
 from nirslake import WorkspaceStore
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real local S3 endpoint: moto's server on 127.0.0.1 (as s3fs's own tests use), for the session.
+
+    The AWS variables point every client at it (boto, s3fs, DuckDB's httpfs secret, subprocesses).
+    """
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
+    try:
+        yield endpoint
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_ENDPOINT_URL": "",
+}
+
+
+def new_bucket(endpoint: str) -> str:
+    import s3fs
+
+    name = f"nirslake-{uuid.uuid4().hex[:16]}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True).mkdir(name)
+    return name
+
+
 @pytest.fixture
-def workspace(tmp_path) -> str:
-    """Where a fresh, not yet created workspace lives."""
+def s3_workspace(s3_endpoint) -> str:
+    """A fresh workspace URL in a new bucket of the local S3 endpoint."""
+    return f"s3://{new_bucket(s3_endpoint)}/ws"
+
+
+@pytest.fixture
+def local_workspace(tmp_path) -> str:
+    """A fresh local workspace, for tests about local files themselves (paths, journals, fsync)."""
     return str(tmp_path / "ws")
+
+
+# The store's own suite runs on both backends; the other modules test local files themselves
+# (journals, paths, SIGKILLs, the demo) or S3 explicitly (test_remote.py, test_sync.py).
+BOTH_BACKENDS = re.compile(r"test_store_\w+|test_query|test_api_surface")
+
+
+def pytest_generate_tests(metafunc):
+    if "workspace" in metafunc.fixturenames and BOTH_BACKENDS.fullmatch(metafunc.module.__name__.rsplit(".", 1)[-1]):
+        metafunc.parametrize("workspace", ["local", "s3"], indirect=True)
+
+
+@pytest.fixture
+def workspace(request, tmp_path) -> str:
+    """Where a fresh, not yet created workspace lives: a local folder, or ``s3://`` on the local
+    endpoint for the store suite's second run (see ``BOTH_BACKENDS``)."""
+    if getattr(request, "param", "local") == "local":
+        return str(tmp_path / "ws")
+    return request.getfixturevalue("s3_workspace")
 
 
 @pytest.fixture
@@ -136,3 +209,19 @@ def record_prediction(
 def add_prediction():
     """``add_prediction(store, ids, **fields) -> prediction_id`` with realistic defaults."""
     return record_prediction
+
+
+def read_url(path) -> bytes:
+    """The bytes at a local path or URL (an artifact's path on any backend)."""
+    with fsspec.open(str(path), "rb") as fh:
+        return fh.read()
+
+
+def write_url(path, data: bytes) -> None:
+    with fsspec.open(str(path), "wb") as fh:
+        fh.write(data)
+
+
+def remove_url(path) -> None:
+    fs, root = fsspec.core.url_to_fs(str(path))
+    fs.rm_file(root)

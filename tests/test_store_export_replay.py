@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import read_url
+from nirslake.storage import Storage
 import yaml
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
@@ -19,8 +22,8 @@ Y_TRAIN = X_TRAIN @ RNG.normal(size=N_FEATURES) + RNG.normal(scale=0.2, size=40)
 X_NEW = RNG.normal(loc=5.0, scale=2.0, size=(15, N_FEATURES))
 
 
-def objects_on_disk(workspace: str) -> list[Path]:
-    return [p for p in (Path(workspace) / "objects").rglob("*") if p.is_file()]
+def objects_on_disk(workspace: str) -> list[str]:
+    return Storage(workspace).list_files("objects", suffix="")
 
 
 def strings_in(document) -> set[str]:
@@ -84,7 +87,7 @@ def test_export_chain_writes_a_bundle_with_manifest_chain_and_artifacts(store, m
         artifact_names = [n for n in names if n.startswith("artifacts/") and not n.endswith("/")]
         bundled = {zf.read(n) for n in artifact_names}
     assert len(artifact_names) == 3
-    assert bundled == {store.get_artifact_path(a).read_bytes() for a in artifact_ids}
+    assert bundled == {read_url(store.get_artifact_path(a)) for a in artifact_ids}
     assert "Ridge" in strings_in(chain_doc)
     assert set(artifact_ids) <= strings_in(chain_doc)
 

@@ -22,8 +22,8 @@ WHERE NOT EXISTS (
 -- Per file name of one table: whether a counting commit added it, and whether one removed it.
 CREATE OR REPLACE MACRO lake_visibility(tbl) AS TABLE
 SELECT e.name, bool_or(e.added) AS added, bool_or(NOT e.added) AS removed
-FROM (SELECT unnest(list_transform(coalesce(added, []), x -> {'name': x, 'added': true})
-                    || list_transform(coalesce(removed, []), x -> {'name': x, 'added': false})) AS e
+FROM (SELECT unnest(list_transform(coalesce(added, []), lambda x: {'name': x, 'added': true})
+                    || list_transform(coalesce(removed, []), lambda x: {'name': x, 'added': false})) AS e
       FROM lake_commits WHERE table_name = tbl)
 GROUP BY e.name;
 

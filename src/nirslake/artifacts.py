@@ -13,6 +13,7 @@ import pickle
 import zipfile
 from typing import Any
 
+import fsspec
 import numpy as np
 
 from .storage import Storage
@@ -142,11 +143,24 @@ def is_external(path: str) -> bool:
     return os.path.isabs(path) or "://" in path
 
 
+def _protocols(storage: Storage) -> tuple[str, ...]:
+    proto = storage.fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
 def read_verified(storage: Storage, rel_or_abs: str, content_hash: str) -> bytes:
     """The object's bytes, after checking they still hash to ``content_hash``."""
     if is_external(rel_or_abs):
-        with storage.fs.open(rel_or_abs, "rb") as fh:
-            data = fh.read()
+        # A registered file's own place: a local path, or a URL (the workspace's options apply
+        # to URLs of the workspace's own protocol).
+        if "://" not in rel_or_abs:
+            with open(rel_or_abs, "rb") as fh:
+                data = fh.read()
+        else:
+            same = rel_or_abs.split("://", 1)[0] in (storage.protocol, *_protocols(storage))
+            fs = storage.fs if same else fsspec.core.url_to_fs(rel_or_abs)[0]
+            with fs.open(rel_or_abs, "rb") as fh:
+                data = fh.read()
     else:
         data = storage.read_bytes(rel_or_abs)
     actual = sha256(data)

@@ -44,10 +44,74 @@ def view_statements(storage: Storage) -> str:
     return "\n".join(parts)
 
 
+def httpfs_load_statement() -> str:
+    """``LOAD`` of DuckDB's httpfs extension: from the ``duckdb-extension-httpfs`` package of the
+    same DuckDB version when installed (offline), else DuckDB's own ``INSTALL``/``LOAD``."""
+    try:
+        import duckdb_extension_httpfs
+    except ImportError:
+        return "INSTALL httpfs; LOAD httpfs;"
+    folder = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+    found = folder / "httpfs.duckdb_extension"
+    if not found.exists():
+        return "INSTALL httpfs; LOAD httpfs;"
+    return f"LOAD '{_sql_text(str(found))}';"
+
+
+def _sql_text(value: str) -> str:
+    return value.replace("'", "''")
+
+
+def s3_secret_statement(storage_options: dict | None = None) -> str:
+    """``CREATE SECRET`` for DuckDB's httpfs from the usual places: ``storage_options`` (key,
+    secret, token, endpoint_url or client_kwargs.endpoint_url), else the AWS environment
+    variables (``AWS_ENDPOINT_URL`` included) and profile, as boto resolves them."""
+    opts = dict(storage_options or {})
+    key, secret, token = opts.get("key"), opts.get("secret"), opts.get("token")
+    region = (opts.get("client_kwargs") or {}).get("region_name") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if key is None:
+        try:
+            import botocore.session
+
+            session = botocore.session.Session(profile=opts.get("profile"))
+            creds = session.get_credentials()
+            if creds is not None:
+                frozen = creds.get_frozen_credentials()
+                key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
+            region = region or session.get_config_variable("region")
+            endpoint = endpoint or session.get_config_variable("endpoint_url")
+        except ImportError:
+            pass
+    fields = []
+    if key:
+        fields += [f"KEY_ID '{_sql_text(key)}'", f"SECRET '{_sql_text(secret or '')}'"]
+    if token:
+        fields.append(f"SESSION_TOKEN '{_sql_text(token)}'")
+    if region:
+        fields.append(f"REGION '{_sql_text(region)}'")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://") if "://" in endpoint else ("https", "", endpoint)
+        fields += [f"ENDPOINT '{_sql_text(host.rstrip('/'))}'", "URL_STYLE 'path'", f"USE_SSL {'true' if scheme == 'https' else 'false'}"]
+    return f"CREATE OR REPLACE SECRET nirslake_s3 (TYPE s3{''.join(', ' + f for f in fields)});"
+
+
+def shell_init_sql(storage: Storage) -> str:
+    """The SQL that makes a plain DuckDB session see the lake: for ``s3://`` workspaces httpfs and
+    a secret first, then the views (docs/remote.md shows it for people who start ``duckdb`` by hand)."""
+    parts = []
+    if storage.protocol in ("s3", "s3a"):
+        parts += [httpfs_load_statement(), s3_secret_statement(storage.storage_options)]
+    elif not storage.is_local:
+        parts.append(httpfs_load_statement())
+    parts.append(view_statements(storage))
+    return "\n".join(parts)
+
+
 def create_views(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
     if not storage.is_local:
         # DuckDB reads remote workspaces through the same fsspec filesystem as the store.
-        con.register_filesystem(storage.fs)
+        con.register_filesystem(storage.query_fs())
     con.execute(view_statements(storage))
 
 

@@ -112,6 +112,32 @@ def cmd_catalog(args: argparse.Namespace) -> None:
     print(f"open it with: {_duckdb_cli()} -readonly {shlex.quote(path)}")
 
 
+def cmd_shell(args: argparse.Namespace) -> int:
+    import subprocess
+    import tempfile
+
+    from .catalog import shell_init_sql
+
+    workspace = args.location or args.workspace
+    with _open(workspace) as store:
+        init = shell_init_sql(store.storage)
+    if args.print_init:
+        print(init)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="nirslake-shell-") as tmp:
+        init_file = os.path.join(tmp, "init.sql")
+        with open(init_file, "w", encoding="utf-8") as fh:
+            # the statements' own result tables (CREATE SECRET prints "Success") are not shown
+            fh.write(f".output /dev/null\n{init}\n.output\n")
+        command = [_duckdb_cli(), "-init", init_file]
+        if args.c:
+            command += ["-c", args.c]
+        try:
+            return subprocess.run(command).returncode
+        except FileNotFoundError:
+            raise CliError("the DuckDB shell was not found: pip install duckdb-cli (it comes with nirslake)") from None
+
+
 def cmd_compact(args: argparse.Namespace) -> None:
     with _open(args.workspace) as store:
         result = store.compact(target_file_mb=args.target_mb, tables=args.table or None, progress=print)
@@ -133,6 +159,22 @@ def cmd_check(args: argparse.Namespace) -> int:
         report = store.check(repair=args.repair, progress=print)
     print(report.summary())
     return 0 if report.ok else 1
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    return _sync(args.local, args.remote, "pushed")
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    return _sync(args.remote, args.local, "pulled")
+
+
+def _sync(source: str, target: str, verb: str) -> int:
+    from .sync import progress_printer, sync
+
+    result = sync(source, target, progress=progress_printer(verb))
+    print(result.summary(verb))
+    return 0 if result.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("catalog", cmd_catalog, "rebuild <workspace>/catalog.duckdb (views over the lake)")
 
+    p = add("shell", cmd_shell, "open the DuckDB shell with views over the workspace (local or s3://, through httpfs)")
+    p.add_argument("location", nargs="?", help="the workspace (default: --workspace)")
+    p.add_argument("-c", metavar="SQL", help="run this SQL and exit instead of opening the prompt")
+    p.add_argument("--print-init", action="store_true", help="print the init SQL (httpfs, S3 secret, views) and exit")
+
     p = add("compact", cmd_compact, "merge each partition's small files into larger ones (safe while others read and write)")
     p.add_argument("--target-mb", type=float, default=128, help="size of the merged files in MiB (default 128)")
     p.add_argument("--table", action="append", help="only this table (repeatable; default: every table)")
@@ -179,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-seconds", type=float, default=3600,
         help="leftovers younger than this may belong to a running writer and are kept (default 3600)",
     )
+
+    where = "a workspace folder or URL (s3://bucket/prefix)"
+    p = sub.add_parser("push", help="copy to REMOTE the data files and objects of LOCAL it lacks (never deletes)",
+                       description="Copy to REMOTE the data files and objects of LOCAL it lacks; never deletes. "
+                       "Safe to interrupt and run again. See docs/sync.md.")
+    p.add_argument("local", metavar="LOCAL", help=f"the source: {where}")
+    p.add_argument("remote", metavar="REMOTE", help=f"the target, created when missing: {where}")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("pull", help="copy to LOCAL the data files and objects of REMOTE it lacks (never deletes)",
+                       description="Copy to LOCAL the data files and objects of REMOTE it lacks; never deletes. "
+                       "Safe to interrupt and run again. See docs/sync.md.")
+    p.add_argument("remote", metavar="REMOTE", help=f"the source: {where}")
+    p.add_argument("local", metavar="LOCAL", help=f"the target, created when missing: {where}")
+    p.set_defaults(func=cmd_pull)
     return parser
 
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 STAGING_DIR = "_staging"
+LISTING_CACHE_OFF = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 
 class Storage:
@@ -28,7 +29,12 @@ class Storage:
 
     def __init__(self, workspace: str | os.PathLike, storage_options: dict | None = None, fsync: bool = False):
         url = os.fspath(workspace)
-        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        options = dict(storage_options or {})
+        if fsspec.core.split_protocol(url)[0] in LISTING_CACHE_OFF:
+            # Other machines add files at any time: a cached listing would hide them (and a
+            # cached modification time would mislead gc), so every listing asks the store.
+            options.setdefault("use_listings_cache", False)
+        self.fs, root = fsspec.core.url_to_fs(url, **options)
         self.storage_options = dict(storage_options or {})
         # Without fsync a published file survives a crash of the process (it is in the OS);
         # with it, also a crash of the machine.
@@ -39,6 +45,15 @@ class Storage:
         self.root = root.rstrip("/") or "/"
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.protocol = "file" if self.is_local else protocol
+
+    def query_fs(self):
+        """A filesystem for one DuckDB connection: its own instance, with a listing cache that
+        lives only as long as the connection (one query), so DuckDB's many size/info calls per
+        file do not each become a request."""
+        if self.is_local:
+            return self.fs
+        options = {**self.storage_options, "use_listings_cache": True, "skip_instance_cache": True}
+        return fsspec.filesystem(self.protocol, **options)
 
     # -- paths ---------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -97,7 +112,9 @@ class Storage:
         try:
             if self.is_local:
                 return os.stat(self.path(rel)).st_mtime_ns // 1000
-            return int(self.fs.modified(self.path(rel)).timestamp() * 1e6)
+            # Object stores keep whole seconds: report the end of that second, so a "modified
+            # since" test (gc's grace period) errs towards keeping.
+            return int(self.fs.modified(self.path(rel)).timestamp()) * 1_000_000 + 999_999
         except FileNotFoundError:
             return None
 
@@ -112,19 +129,27 @@ class Storage:
         """Refresh a local file's modification time (used to mark an object as in use)."""
         os.utime(self.path(rel))
 
-    def publish(self, rel: str, data: bytes, overwrite: bool = False) -> None:
+    def publish(self, rel: str, data: bytes, overwrite: bool = False, exists_ok: bool = False) -> None:
         """Make ``data`` appear at ``rel`` whole or not at all, and durable once this returns.
 
         Durable means: surviving a crash of this process, or of the machine with ``fsync``.
         """
         target = self.path(rel)
         if not self.is_local:
-            mode = "wb" if overwrite else "create"
+            if overwrite:
+                self.fs.pipe_file(target, data)
+                return
             try:
-                with self.fs.open(target, mode) as fh:
-                    fh.write(data)
-            except (ValueError, NotImplementedError):
-                # Backends without conditional create: names are unique, so a plain put is safe.
+                # One PUT with If-None-Match: * (s3fs): nothing already there is ever replaced.
+                self.fs.pipe_file(target, data, mode="create")
+            except FileExistsError:
+                # Data files have unique names; only files whose bytes are the same by
+                # construction (an object named by its hash, a table's schema file) may
+                # already be there, written by another machine: keep that one.
+                if not exists_ok:
+                    raise
+            except TypeError:
+                # A backend without conditional writes: names are unique, so a plain put is safe.
                 self.fs.pipe_file(target, data)
             return
         staging_dir = self.path(STAGING_DIR)

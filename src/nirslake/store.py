@@ -274,7 +274,7 @@ class WorkspaceStore:
         for tdef in S.TABLES.values():
             rel = schema_file(tdef)
             if not self._storage.exists(rel):
-                self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()))
+                self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()), exists_ok=True)
         catalog.ensure_catalog(self._storage)
         # Records a crashed writer made durable but never published (lake spec §6).
         for segment in orphaned_segments(self._storage):

@@ -1,0 +1,132 @@
+"""The sweep on an S3 workspace against the same sweep on a local folder, with S3 request counts.
+
+    pip install -e ".[bench,s3,test]"   # moto's S3 server comes with the test extra
+    python benchmarks/s3.py             # D=2 datasets x P=50 pipelines x 15 = 1,500 predictions
+    python benchmarks/s3.py --smoke     # tiny: checks it runs and prints (CI)
+
+The S3 endpoint is moto's server on 127.0.0.1 (the one the tests use), so the times show the
+cost of the requests nirslake makes, not a real network's latency; the request counts hold for
+any S3. Each workload runs in its own fresh process (benchmarks/run.py's worker), local first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import socket
+import sys
+import tempfile
+from collections import Counter
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from run import fmt_rate, fmt_s, spawn  # noqa: E402
+from workloads import Sweep  # noqa: E402
+
+REQUEST = re.compile(r'"(GET|PUT|HEAD|POST|DELETE) (\S+)')
+
+
+class RequestCounter(logging.Handler):
+    """Counts the requests moto's server logs (werkzeug, one line per request), by kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = REQUEST.search(record.getMessage())
+        if match:
+            method, path = match.groups()
+            kind = "LIST" if method == "GET" and "list-type=" in path else method
+            self.counts[kind] += 1
+
+
+def start_endpoint() -> str:
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=endpoint)
+    return endpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", type=int, default=2)
+    parser.add_argument("--pipelines", type=int, default=50, help="pipelines per dataset")
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
+    args = parser.parse_args()
+    size = Sweep(1, 4, 50) if args.smoke else Sweep(args.datasets, args.pipelines, args.samples)
+
+    counter = RequestCounter()
+    logging.getLogger("werkzeug").addHandler(counter)
+    logging.getLogger("werkzeug").setLevel(logging.INFO)
+    logging.getLogger("werkzeug").propagate = False
+    start_endpoint()
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="nirslake-s3-bench-") as tmp:
+        for backend, workspace in (("local", os.path.join(tmp, "ws")), ("s3", "s3://bench/ws")):
+            before = Counter(counter.counts)
+            ingest = spawn("sweep", "nirslake", workspace, size)
+            after_ingest = Counter(counter.counts)
+            reads = spawn("queries", "nirslake", workspace, size)
+            results[backend] = {
+                "ingest": ingest,
+                "queries": reads,
+                "ingest_requests": after_ingest - before,
+                "query_requests": Counter(counter.counts) - after_ingest,
+            }
+    print(render(results, size))
+
+
+def render(results: dict, size: Sweep) -> str:
+    local, s3 = results["local"], results["s3"]
+    def row(label, a, b, fmt, higher_is_better=False):
+        ratio = (a / b if higher_is_better else b / a) if a and b else float("nan")
+        return f"| {label} | {fmt(a)} | {fmt(b)} | {ratio:.1f}x slower |"
+
+    lines = [
+        f"S3 (moto on 127.0.0.1) vs local: {size.datasets} datasets x {size.pipelines} pipelines x 15 = "
+        f"{size.predictions:,} predictions, {size.samples} samples",
+        "",
+        "| workload | local | s3 | s3 against local |",
+        "|---|---|---|---|",
+        row("ingest rate (incl. close)", local["ingest"]["ingest_rate"], s3["ingest"]["ingest_rate"], fmt_rate, True),
+    ]
+    for key, label in (("top10_s", "top-10 per dataset"), ("top10_first_s", "top-10, first call"),
+                       ("arrays20_s", "arrays of 20 predictions"), ("arrays20_first_s", "arrays of 20, first call"),
+                       ("delete_run_s", "delete_run")):
+        lines.append(row(label, local["queries"][key], s3["queries"][key], fmt_s))
+    lines += [
+        "",
+        "| S3 requests | ingest | queries (incl. delete_run) | per pipeline (ingest) |",
+        "|---|---|---|---|",
+    ]
+    for kind in ("PUT", "GET", "HEAD", "LIST", "DELETE", "POST"):
+        n_in, n_q = s3["ingest_requests"].get(kind, 0), s3["query_requests"].get(kind, 0)
+        if n_in or n_q:
+            lines.append(f"| {kind} | {n_in:,} | {n_q:,} | {n_in / size.total_pipelines:.1f} |")
+    total_in = sum(s3["ingest_requests"].values())
+    lines.append(f"| all | {total_in:,} | {sum(s3['query_requests'].values()):,} | {total_in / size.total_pipelines:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        from run import main as run_main
+
+        run_main()
+    else:
+        main()
