@@ -164,10 +164,11 @@ def compact_table(
     if deletions is None:
         deletions = _deletions(storage, cache)
     folders: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    sizes = storage.list_sizes(tdef.dir, suffix=".parquet")
     for rel in visible_files(storage, tdef, cache, state=state):
-        if is_schema_file(rel):
+        if is_schema_file(rel) or rel not in sizes:
             continue
-        size = storage.size(rel)
+        size = sizes[rel]
         if size < target_bytes // 2:
             folders[posixpath.dirname(rel)].append((rel, size))
     result = CompactionResult()

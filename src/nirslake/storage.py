@@ -118,6 +118,36 @@ class Storage:
         except FileNotFoundError:
             return None
 
+    def list_sizes(self, rel_dir: str, suffix: str = "") -> dict[str, int]:
+        """Workspace-relative path -> size of every file below ``rel_dir`` ending in ``suffix``.
+
+        One listing with sizes on object stores (no request per file); a stat per file locally.
+        """
+        if self.is_local:
+            found = {}
+            for rel in self.list_files(rel_dir, suffix=suffix):
+                try:
+                    found[rel] = os.stat(self.path(rel)).st_size
+                except FileNotFoundError:  # removed since the listing (vacuum, gc): not there
+                    pass
+            return found
+        try:
+            listing = self.fs.find(self.path(rel_dir), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {
+            self.relative(path): int(info.get("size") or 0)
+            for path, info in sorted(listing.items())
+            if info.get("type", "file") != "directory" and path.endswith(suffix)
+        }
+
+    def holds_files(self) -> bool:
+        """True when anything at all lies under the workspace's location."""
+        try:
+            return bool(self.fs.ls(self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
     def size(self, rel: str) -> int:
         """Size in bytes (a ``stat`` locally, a HEAD request on object stores)."""
         if self.is_local:

@@ -196,18 +196,11 @@ def _check_locations(src: Storage, dst: Storage, source: str, target: str) -> No
             raise SyncError(f"the source and the target are the same workspace ({source!r})")
         if a.startswith(b) or b.startswith(a):
             raise SyncError(f"the source {source!r} and the target {target!r} are inside one another")
-    if not dst.exists("tables") and _holds_files(dst):
+    if not dst.exists("tables") and dst.holds_files():
         raise SyncError(
             f"the target {target!r} exists, is not empty and is not a nirslake workspace (it has no tables/ "
             "folder): sync into a new or empty location, or into a workspace"
         )
-
-
-def _holds_files(storage: Storage) -> bool:
-    try:
-        return bool(storage.fs.ls(storage.root))
-    except (FileNotFoundError, NotADirectoryError):
-        return False
 
 
 @dataclass
@@ -227,10 +220,10 @@ def _plan(src: Storage, dst: Storage) -> _Plan:
     is published after the files it adds and an artifact record after its object, so whatever
     this listing holds, it holds what it depends on.
     """
-    commits = _inventory(src, COMMITS.dir, ".parquet")
-    data = {rel: size for rel, size in _inventory(src, "tables", ".parquet").items() if _table(rel) != COMMITS.name}
-    objects = _inventory(src, OBJECTS_DIR)
-    have = {**_inventory(dst, "tables", ".parquet"), **_inventory(dst, OBJECTS_DIR)}
+    commits = src.list_sizes(COMMITS.dir, ".parquet")
+    data = {rel: size for rel, size in src.list_sizes("tables", ".parquet").items() if _table(rel) != COMMITS.name}
+    objects = src.list_sizes(OBJECTS_DIR)
+    have = {**dst.list_sizes("tables", ".parquet"), **dst.list_sizes(OBJECTS_DIR)}
 
     present: set[str] = set()
     conflicts: list[str] = []
@@ -309,30 +302,6 @@ def _copy_rank(rel: str) -> tuple[int, str]:
     else:
         rank = TABLE_ORDER.index("deletions") - 1
     return (2 * rank + (name not in TABLE_ORDER), rel)
-
-
-def _inventory(storage: Storage, folder: str, suffix: str = "") -> dict[str, int]:
-    """Workspace-relative path -> size of every file below ``folder`` ending in ``suffix``.
-
-    One listing with sizes on object stores (no request per file); a stat per file locally.
-    """
-    if storage.is_local:
-        found = {}
-        for rel in storage.list_files(folder, suffix=suffix):
-            try:
-                found[rel] = storage.size(rel)
-            except FileNotFoundError:  # removed since the listing (vacuum, gc): not there
-                pass
-        return found
-    try:
-        listing = storage.fs.find(storage.path(folder), detail=True)
-    except FileNotFoundError:
-        return {}
-    return {
-        storage.relative(path): int(info.get("size") or 0)
-        for path, info in sorted(listing.items())
-        if info.get("type", "file") != "directory" and path.endswith(suffix)
-    }
 
 
 def human_bytes(n: int) -> str:
