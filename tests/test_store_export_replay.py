@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import read_url
-from nirslake.storage import Storage
 import yaml
+from conftest import let_object_times_pass, read_url
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
+
+from nirslake.storage import Storage
 
 RNG = np.random.default_rng(2024)
 N_FEATURES = 12
@@ -224,6 +224,7 @@ def test_delete_run_leaves_other_runs_intact(store, two_runs):
 
 
 def test_delete_run_removes_artifacts_nothing_else_references(store, workspace, two_runs):
+    let_object_times_pass(workspace)
     store.delete_run(two_runs["doomed"].run_id, delete_artifacts=True)
 
     for model_id in two_runs["doomed_models"]:
