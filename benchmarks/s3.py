@@ -6,7 +6,8 @@
 
 The S3 endpoint is moto's server on 127.0.0.1 (the one the tests use), so the times show the
 cost of the requests nirslake makes, not a real network's latency; the request counts hold for
-any S3. Each workload runs in its own fresh process (benchmarks/run.py's worker), local first.
+any S3. Each workload runs in its own fresh process (benchmarks/run.py's worker): local first,
+then S3, then S3 read with the listing lease (``listing_ttl_seconds``) on a copy of its own.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from collections import Counter
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from run import fmt_rate, fmt_s, spawn  # noqa: E402
-from workloads import Sweep  # noqa: E402
+from run import fmt_rate, fmt_s, spawn
+from workloads import Sweep
 
-REQUEST = re.compile(r'"(GET|PUT|HEAD|POST|DELETE) (\S+)')
+# werkzeug colours some status lines (206, 404, ...) with ANSI codes inside the quotes.
+LEASE_SECONDS = 2.0  # the third column: WorkspaceStore(listing_ttl_seconds=...)
+REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|HEAD|POST|DELETE) (\S+)')
 
 
 class RequestCounter(logging.Handler):
@@ -77,11 +80,17 @@ def main() -> None:
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="nirslake-s3-bench-") as tmp:
-        for backend, workspace in (("local", os.path.join(tmp, "ws")), ("s3", "s3://bench/ws")):
+        backends = (("local", os.path.join(tmp, "ws"), 0), ("s3", "s3://bench/ws", 0),
+                    ("s3_lease", "s3://bench/ws-lease", LEASE_SECONDS))
+        for backend, workspace, ttl in backends:
             before = Counter(counter.counts)
             ingest = spawn("sweep", "nirslake", workspace, size)
             after_ingest = Counter(counter.counts)
-            reads = spawn("queries", "nirslake", workspace, size)
+            os.environ["NIRSLAKE_BENCH_LISTING_TTL"] = str(ttl)  # read by the worker's open_store
+            try:
+                reads = spawn("queries", "nirslake", workspace, size)
+            finally:
+                del os.environ["NIRSLAKE_BENCH_LISTING_TTL"]
             results[backend] = {
                 "ingest": ingest,
                 "queries": reads,
@@ -92,34 +101,38 @@ def main() -> None:
 
 
 def render(results: dict, size: Sweep) -> str:
-    local, s3 = results["local"], results["s3"]
-    def row(label, a, b, fmt, higher_is_better=False):
+    local, s3, leased = results["local"], results["s3"], results["s3_lease"]
+
+    def row(label, key, fmt, higher_is_better=False):
+        a, b, c = (r["ingest" if key == "ingest_rate" else "queries"][key] for r in (local, s3, leased))
         ratio = (a / b if higher_is_better else b / a) if a and b else float("nan")
-        return f"| {label} | {fmt(a)} | {fmt(b)} | {ratio:.1f}x slower |"
+        return f"| {label} | {fmt(a)} | {fmt(b)} | {ratio:.1f}x slower | {fmt(c)} |"
 
     lines = [
         f"S3 (moto on 127.0.0.1) vs local: {size.datasets} datasets x {size.pipelines} pipelines x 15 = "
         f"{size.predictions:,} predictions, {size.samples} samples",
         "",
-        "| workload | local | s3 | s3 against local |",
-        "|---|---|---|---|",
-        row("ingest rate (incl. close)", local["ingest"]["ingest_rate"], s3["ingest"]["ingest_rate"], fmt_rate, True),
+        f"| workload | local | s3 | s3 against local | s3, listing lease {LEASE_SECONDS:g} s |",
+        "|---|---|---|---|---|",
+        row("ingest rate (incl. close)", "ingest_rate", fmt_rate, True),
     ]
     for key, label in (("top10_s", "top-10 per dataset"), ("top10_first_s", "top-10, first call"),
                        ("arrays20_s", "arrays of 20 predictions"), ("arrays20_first_s", "arrays of 20, first call"),
                        ("delete_run_s", "delete_run")):
-        lines.append(row(label, local["queries"][key], s3["queries"][key], fmt_s))
+        lines.append(row(label, key, fmt_s))
     lines += [
         "",
-        "| S3 requests | ingest | queries (incl. delete_run) | per pipeline (ingest) |",
-        "|---|---|---|---|",
+        "| S3 requests | ingest | queries (incl. delete_run) | per pipeline (ingest) | queries, with the lease |",
+        "|---|---|---|---|---|",
     ]
     for kind in ("PUT", "GET", "HEAD", "LIST", "DELETE", "POST"):
         n_in, n_q = s3["ingest_requests"].get(kind, 0), s3["query_requests"].get(kind, 0)
-        if n_in or n_q:
-            lines.append(f"| {kind} | {n_in:,} | {n_q:,} | {n_in / size.total_pipelines:.1f} |")
+        n_lease = leased["query_requests"].get(kind, 0)
+        if n_in or n_q or n_lease:
+            lines.append(f"| {kind} | {n_in:,} | {n_q:,} | {n_in / size.total_pipelines:.1f} | {n_lease:,} |")
     total_in = sum(s3["ingest_requests"].values())
-    lines.append(f"| all | {total_in:,} | {sum(s3['query_requests'].values()):,} | {total_in / size.total_pipelines:.1f} |")
+    lines.append(f"| all | {total_in:,} | {sum(s3['query_requests'].values()):,} | {total_in / size.total_pipelines:.1f} "
+                 f"| {sum(leased['query_requests'].values()):,} |")
     return "\n".join(lines)
 
 

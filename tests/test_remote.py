@@ -11,12 +11,15 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from conftest import let_object_times_pass
 
 from nirslake import WorkspaceStore
 from nirslake.catalog import shell_init_sql
+from nirslake.storage import Storage
 
 WRITER = textwrap.dedent(
     """
@@ -105,27 +108,86 @@ def test_the_shell_init_sql_loads_httpfs_and_a_secret_for_the_endpoint(s3_worksp
     assert f"{s3_workspace}/tables/" in init
 
 
+@contextmanager
+def s3_requests(fs):
+    """Records (operation, key or prefix) of every request the s3fs filesystem sends."""
+    calls: list[tuple[str, str]] = []
+    original = fs._call_s3
+
+    async def counting(method, *args, **kwargs):
+        calls.append((method, kwargs.get("Key", "") or kwargs.get("Prefix", "")))
+        return await original(method, *args, **kwargs)
+
+    fs._call_s3 = counting
+    try:
+        yield calls
+    finally:
+        del fs._call_s3
+
+
 def test_reading_one_dataset_on_s3_fetches_only_its_partition(s3_workspace):
     """Partition pruning on S3: count the GET requests of a one-dataset query."""
     with WorkspaceStore(s3_workspace) as store:
         fill(store, datasets=("corn", "wheat", "rye"))
     with WorkspaceStore(s3_workspace) as store:
-        fs = store.storage.fs
-        calls: list[tuple[str, str]] = []
-        original = fs._call_s3
-
-        async def counting(method, *args, **kwargs):
-            calls.append((method, kwargs.get("Key", "") or kwargs.get("Prefix", "")))
-            return await original(method, *args, **kwargs)
-
-        fs._call_s3 = counting
-        try:
+        with s3_requests(store.storage.fs) as calls:
             frame = store.query_predictions(dataset_name="wheat")
-        finally:
-            del fs._call_s3
     assert frame.height == 15 and set(frame["dataset_name"]) == {"wheat"}
     read = [key for method, key in calls if method == "get_object"]
     assert read, calls
     assert not [key for key in read if "dataset=corn" in key or "dataset=rye" in key], read
     listings = [key for method, key in calls if method == "list_objects_v2"]
     assert len(listings) <= 4, listings  # the commits, then the tables: no listing per file
+
+
+def test_a_first_read_on_s3_is_one_get_per_file_and_no_head(s3_workspace):
+    """s3fs asks an object's size (HEAD) before a plain GET unless the GET has a range; the
+    store sends open-ended ranges, and fetches the files of one read together."""
+    with WorkspaceStore(s3_workspace) as store:
+        fill(store, pipelines=4)
+    with WorkspaceStore(s3_workspace) as store:
+        with s3_requests(store.storage.fs) as calls:
+            frame = store.query_predictions()
+            runs = store.list_runs()
+    assert frame.height == 40 and runs.height == 1
+    operations = Counter(method for method, _ in calls)
+    read = [key for method, key in calls if method == "get_object"]
+    assert operations["head_object"] == 0, calls
+    assert len(read) == len(set(read)) > 8, read  # each file once: predictions (8 pipelines), runs, commits
+    assert all("/tables/" in key for key in read), read
+
+
+def test_storage_reads_empty_and_missing_objects_on_s3(s3_workspace):
+    storage = Storage(s3_workspace)
+    storage.publish("x/empty.bin", b"")
+    storage.publish("x/full.bin", b"abc")
+    assert storage.read_bytes("x/empty.bin") == b""  # no byte 0 to range over: read without one
+    assert storage.read_many(["x/empty.bin", "x/full.bin"]) == {"x/empty.bin": b"", "x/full.bin": b"abc"}
+    with pytest.raises(FileNotFoundError):
+        storage.read_many(["x/full.bin", "x/missing.bin"])
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("x/missing.bin")
+
+
+def test_gc_on_s3_lists_the_objects_once_instead_of_a_head_each(s3_workspace):
+    with WorkspaceStore(s3_workspace, grace_seconds=0) as store:
+        fill(store, pipelines=1, datasets=("corn",))
+        kept = store.save_artifact({"kept": True}, "PLS", "model", "pickle")
+        pipe = store.list_pipelines()["pipeline_id"][0]
+        store.save_chain(pipe, [], 0, "PLS", "SNV", "kfold", {"fold_0": kept}, {})
+        orphans = [store.save_artifact({"orphan": i}, "PLS", "model", "pickle") for i in range(6)]
+        store.flush()
+        let_object_times_pass(s3_workspace)
+        with s3_requests(store.storage.fs) as calls:
+            removed = store.gc_artifacts()
+        assert removed == 6
+        assert store.load_artifact(kept) == {"kept": True}
+        for artifact_id in orphans:
+            with pytest.raises(KeyError):
+                store.load_artifact(artifact_id)
+    operations = Counter(method for method, _ in calls)
+    object_listings = [key for method, key in calls if method == "list_objects_v2" and "/objects" in key]
+    assert len(object_listings) == 1, calls
+    # HEADs only to re-check, right before deleting, that nobody saved the object again
+    assert operations["head_object"] <= len(orphans), calls
+    assert operations["delete_object"] + operations["delete_objects"] >= 1, calls

@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -45,6 +46,9 @@ class Storage:
         self.root = root.rstrip("/") or "/"
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.protocol = "file" if self.is_local else protocol
+        # Counts this process's publishes and deletes: a listing taken at an older count may
+        # miss what this process itself changed (the store's listing lease checks it).
+        self.generation = 0
 
     def query_fs(self):
         """A filesystem for one DuckDB connection: its own instance, with a listing cache that
@@ -67,6 +71,9 @@ class Storage:
 
     def relative(self, full_path: str) -> str:
         full_path = full_path.split("://", 1)[-1]
+        prefix = self.root if self.root.endswith("/") else self.root + "/"
+        if full_path.startswith(prefix):  # the common case, without relpath's cost per file
+            return full_path[len(prefix) :]
         return posixpath.relpath(full_path, self.root)
 
     # -- reading -------------------------------------------------------------
@@ -74,7 +81,36 @@ class Storage:
         return self.fs.exists(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        """A file's bytes: one GET on object stores (see ``_get``)."""
+        return self._get(self.path(rel))
+
+    def read_many(self, rels: list[str]) -> dict[str, bytes]:
+        """The bytes of several files; on object stores fetched concurrently (one GET each, in
+        flight together), which is what makes a first read of many small files bearable there.
+        A file removed meanwhile raises ``FileNotFoundError``, as ``read_bytes`` does."""
+        if self.is_local or len(rels) < 2:
+            return {rel: self.read_bytes(rel) for rel in rels}
+        paths = [self.path(rel) for rel in rels]
+        # An open-ended range (bytes=0-) is a plain GET: without it s3fs first asks the size
+        # (a HEAD per file) to decide whether to split the download.
+        fetched = self.fs.cat_ranges(paths, [0] * len(paths), [None] * len(paths), on_error="return")
+        out = {}
+        for rel, path, data in zip(rels, paths, fetched):
+            if isinstance(data, FileNotFoundError):
+                raise data
+            out[rel] = data if isinstance(data, bytes) else self._get(path)
+        return out
+
+    def _get(self, path: str) -> bytes:
+        if self.is_local:
+            return self.fs.cat_file(path)
+        try:
+            return self.fs.cat_file(path, start=0)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            # An empty object has no byte 0 (HTTP 416): ask for it without a range.
+            return self.fs.cat_file(path)
 
     def open(self, rel: str, mode: str = "rb") -> Any:
         return self.fs.open(self.path(rel), mode)
@@ -112,11 +148,32 @@ class Storage:
         try:
             if self.is_local:
                 return os.stat(self.path(rel)).st_mtime_ns // 1000
-            # Object stores keep whole seconds: report the end of that second, so a "modified
-            # since" test (gc's grace period) errs towards keeping.
-            return int(self.fs.modified(self.path(rel)).timestamp()) * 1_000_000 + 999_999
+            return _remote_stamp_us(self.fs.modified(self.path(rel)))
         except FileNotFoundError:
             return None
+
+    def list_modified(self, rel_dir: str) -> dict[str, int]:
+        """Workspace-relative path -> ``modified_us`` of every file below ``rel_dir``: one
+        listing on object stores instead of one HEAD request per file."""
+        if self.is_local:
+            found = {}
+            for rel in self.list_files(rel_dir, suffix=""):
+                stamp = self.modified_us(rel)
+                if stamp is not None:
+                    found[rel] = stamp
+            return found
+        try:
+            listing = self.fs.find(self.path(rel_dir), detail=True)
+        except FileNotFoundError:
+            return {}
+        found = {}
+        for path, info in listing.items():
+            if info.get("type", "file") == "directory":
+                continue
+            rel = self.relative(path)
+            stamp = info.get("LastModified") or info.get("mtime")
+            found[rel] = _remote_stamp_us(stamp) if stamp is not None else self.modified_us(rel)
+        return {rel: stamp for rel, stamp in found.items() if stamp is not None}
 
     def list_sizes(self, rel_dir: str, suffix: str = "") -> dict[str, int]:
         """Workspace-relative path -> size of every file below ``rel_dir`` ending in ``suffix``.
@@ -165,6 +222,7 @@ class Storage:
         Durable means: surviving a crash of this process, or of the machine with ``fsync``.
         """
         target = self.path(rel)
+        self.generation += 1
         if not self.is_local:
             if overwrite:
                 self.fs.pipe_file(target, data)
@@ -218,6 +276,7 @@ class Storage:
         return handle
 
     def delete(self, rel: str) -> bool:
+        self.generation += 1
         try:
             self.fs.rm_file(self.path(rel))
             return True
@@ -226,6 +285,13 @@ class Storage:
 
     def delete_many(self, rels: Iterable[str]) -> int:
         return sum(self.delete(r) for r in rels)
+
+
+def _remote_stamp_us(value) -> int:
+    """An object store's modification time in µs. They keep whole seconds: report the end of
+    that second, so a "modified since" test (gc's grace period) errs towards keeping."""
+    seconds = value.timestamp() if hasattr(value, "timestamp") else float(value)
+    return int(seconds) * 1_000_000 + 999_999
 
 
 def arrow_owned(data: bytes) -> pa.Buffer:

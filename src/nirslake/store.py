@@ -12,27 +12,45 @@ import math
 import os
 import re
 import threading
+import time
 import weakref
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from . import __version__
+from . import __version__, catalog
 from . import artifacts as art
-from . import catalog
 from . import schema as S
 from .arrays import ARRAY_FIELDS, check_arrays, to_numpy
+from .journal import orphaned_segments
 from .query import Deleted, resolve, resolve_one, top_k
 from .storage import Storage
-from .tables import CLOCK, FileCache, Snapshot, lookup, new_id, read_files, schema_file, take_snapshot, to_parquet_bytes
-from .journal import orphaned_segments
-from .writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, DEFAULT_FLUSH_SECONDS, LakeWriter, flush_left_open, publish_segment
+from .tables import (
+    CLOCK,
+    FileCache,
+    Snapshot,
+    lookup,
+    new_id,
+    read_files,
+    schema_file,
+    take_snapshot,
+    to_parquet_bytes,
+)
+from .writer import (
+    DEFAULT_FLUSH_BYTES,
+    DEFAULT_FLUSH_ROWS,
+    DEFAULT_FLUSH_SECONDS,
+    LakeWriter,
+    flush_left_open,
+    publish_segment,
+)
 
 if TYPE_CHECKING:
     from .check import CheckReport
@@ -223,6 +241,12 @@ class WorkspaceStore:
     ``grace_seconds`` protects what another writer may still be using: ``gc_artifacts`` keeps
     artifacts recorded more recently than that, and ``vacuum`` keeps the bytes of files hidden
     more recently than that (lake spec §4, §7).
+
+    ``listing_ttl_seconds`` (default 0: every read lists the lake) lets reads reuse the lake's
+    listing for that long, as long as this store has not written since: on an object store,
+    where a listing is a request or two per call, a loop of point reads then costs no listing
+    per call. A reused listing is an earlier consistent state of the lake; what other
+    processes published after it shows up once it expires (docs/remote.md).
     """
 
     def __init__(
@@ -234,8 +258,19 @@ class WorkspaceStore:
         grace_seconds: float = DEFAULT_GRACE_SECONDS,
         flush_seconds: float = DEFAULT_FLUSH_SECONDS,
         fsync: bool = False,
+        listing_ttl_seconds: float = 0.0,
     ) -> None:
+        ttl = listing_ttl_seconds
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl < 0:
+            raise ValueError(f"listing_ttl_seconds must be a finite number >= 0, got {ttl!r}")
+        if ttl > grace_seconds:
+            raise ValueError(
+                f"listing_ttl_seconds ({ttl}) must not exceed grace_seconds ({grace_seconds}): a listing kept "
+                "longer could name files that vacuum has since deleted"
+            )
         self._storage = Storage(workspace_path, storage_options, fsync=fsync)
+        self._listing_ttl = float(listing_ttl_seconds)
+        self._leases: dict[tuple[str, ...] | None, tuple[float, int, Snapshot]] = {}
         self._workspace_path: Path | str = (
             Path(self._storage.root) if self._storage.is_local else os.fspath(workspace_path)
         )
@@ -271,10 +306,14 @@ class WorkspaceStore:
     def _init_workspace(self) -> None:
         # One empty file per table fixes its schema for engines that glob the lake, so every
         # view works (and returns no rows) before anything was written.
-        for tdef in S.TABLES.values():
-            rel = schema_file(tdef)
-            if not self._storage.exists(rel):
-                self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()), exists_ok=True)
+        # They are written in table order, so the last one there means all are (one request
+        # on an object store instead of one per table).
+        tdefs = list(S.TABLES.values())
+        if not self._storage.exists(schema_file(tdefs[-1])):
+            for tdef in tdefs:
+                rel = schema_file(tdef)
+                if not self._storage.exists(rel):
+                    self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()), exists_ok=True)
         catalog.ensure_catalog(self._storage)
         # Records a crashed writer made durable but never published (lake spec §6).
         for segment in orphaned_segments(self._storage):
@@ -291,10 +330,10 @@ class WorkspaceStore:
             self._closed = True
             self._finalizer.detach()
 
-    def __enter__(self) -> "WorkspaceStore":
+    def __enter__(self) -> WorkspaceStore:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -321,12 +360,30 @@ class WorkspaceStore:
         """Publish this process's writes, then list the lake once for the reads of one call."""
         if publish:
             self._publish()
-        snap = take_snapshot(self._storage, self._cache, tables if tables is None else (*tables, "deletions"))
+        snap = self._leased_snapshot(tables)
+        if snap is None:
+            snap = take_snapshot(self._storage, self._cache, tables if tables is None else (*tables, "deletions"))
+            if self._listing_ttl:
+                self._leases[tables] = (time.monotonic(), self._storage.generation, snap)
         deletion_rels = tuple(snap.table_files(S.DELETIONS))
         if self._deleted[0] != deletion_rels:
             table = read_files(self._storage, S.DELETIONS, self._cache, list(deletion_rels))
             self._deleted = (deletion_rels, Deleted.from_table(table))
         return snap
+
+    def _leased_snapshot(self, tables: tuple[str, ...] | None) -> Snapshot | None:
+        """A listing taken less than ``listing_ttl_seconds`` ago, with no write of ours since."""
+        if not self._listing_ttl:
+            return None
+        for key in (tables, None):  # a listing of every table serves a read of a few
+            lease = self._leases.get(key)
+            if (
+                lease is not None
+                and lease[1] == self._storage.generation
+                and time.monotonic() - lease[0] < self._listing_ttl
+            ):
+                return lease[2]
+        return None
 
     def _frame(self, tdef: S.TableDef, dataset_name: str | None = None, snap: Snapshot | None = None) -> pl.LazyFrame:
         """The table's current rows (read rules applied), after publishing this process's writes.
@@ -954,10 +1011,13 @@ class WorkspaceStore:
             unheld = artifacts.filter(
                 ~pl.col("artifact_id").is_in(list(held)) & (pl.col("created_at").dt.epoch("us") < cutoff)
             )
+            candidates = unheld.rows(named=True)
+            if self._storage.is_local or sum(map(_is_object, unheld["path"])) <= artifacts.height // 1000 + 1:
+                modified = self._storage.modified_us
+            else:  # one listing of objects/ (a page per 1,000 objects) costs less than a HEAD each
+                modified = self._storage.list_modified(art.OBJECTS_DIR).get
             doomed = [
-                row
-                for row in unheld.rows(named=True)
-                if not _is_object(row["path"]) or (self._storage.modified_us(row["path"]) or 0) < cutoff
+                row for row in candidates if not _is_object(row["path"]) or (modified(row["path"]) or 0) < cutoff
             ]
             if not doomed:
                 return 0
@@ -1177,7 +1237,7 @@ class WorkspaceStore:
         target_file_mb: float = 128,
         tables: list[str] | None = None,
         progress: Callable[[str], None] | None = None,
-    ) -> "CompactionResult":
+    ) -> CompactionResult:
         """Merge each partition's small files into files of about ``target_file_mb`` MiB.
 
         Files under half the target are merged; superseded versions and deleted rows are dropped.
@@ -1196,7 +1256,7 @@ class WorkspaceStore:
                 self._storage, self._cache, int(target_file_mb * 1048576), tables=tables, progress=progress
             )
 
-    def check(self, repair: bool = False, progress: Callable[[str], None] | None = None) -> "CheckReport":
+    def check(self, repair: bool = False, progress: Callable[[str], None] | None = None) -> CheckReport:
         """Verify the workspace: every data file opens, every artifact's bytes match their
         sha256, every prediction's chain, pipeline and run (and every chain's artifacts) exist.
 

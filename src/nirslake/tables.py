@@ -13,15 +13,15 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .schema import COMMITS, FORMAT_VERSION, TableDef
-from .storage import Storage
+from .storage import Storage, arrow_owned
 
 DATA_PREFIX = "part-"
 COMPACT_PREFIX = "compact-"
@@ -142,6 +142,9 @@ def write_table(
     return written
 
 
+FETCH_BATCH = 64  # files fetched together from an object store (bounds the bytes held at once)
+
+
 class FileCache:
     """Decoded contents of data files, keyed by path. Files never change, so entries never go stale."""
 
@@ -163,6 +166,20 @@ class FileCache:
         with self._lock:
             self._tables[rel] = table
         return table
+
+    def read_many(self, storage: Storage, rels: list[str], schema: pa.Schema) -> list[pa.Table]:
+        """``read`` of several files; the ones not cached yet are fetched together (one round
+        of concurrent requests on object stores instead of one request after another)."""
+        if not storage.is_local:
+            with self._lock:
+                missing = [rel for rel in dict.fromkeys(rels) if rel not in self._tables]
+            for start in range(0, len(missing) if len(missing) > 1 else 0, FETCH_BATCH):
+                for rel, data in storage.read_many(missing[start : start + FETCH_BATCH]).items():
+                    with pa.BufferReader(arrow_owned(data)) as fh:
+                        table = conform(pq.read_table(fh), schema)
+                    with self._lock:
+                        self._tables[rel] = table
+        return [self.read(storage, rel, schema) for rel in rels]
 
     def positions(self, storage: Storage, rel: str, tdef: TableDef) -> dict[str, list[int]]:
         """Row positions of each key in a cached file: single-row lookups without a scan."""
@@ -324,7 +341,7 @@ def lookup(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str], 
 def read_files(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str]) -> pa.Table:
     if not rels:
         return tdef.schema.empty_table()
-    return pa.concat_tables([cache.read(storage, rel, tdef.schema) for rel in rels])
+    return pa.concat_tables(cache.read_many(storage, rels, tdef.schema))
 
 
 def file_stamp(name: str) -> int:

@@ -1,0 +1,127 @@
+"""The listing lease (``listing_ttl_seconds``): reads may reuse a recent listing of the lake.
+
+A reused listing is an earlier consistent state; this store's own writes are always seen; other
+writers' show up once the lease expires. Runs on a local folder and on S3 (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import nirslake.store as store_module
+from nirslake import WorkspaceStore
+
+
+class FakeClock:
+    """Stands in for ``time.monotonic`` in the store module, so expiry needs no sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(store_module, "time", fake)
+    return fake
+
+
+def count_listings(store, monkeypatch) -> list[str]:
+    listed: list[str] = []
+    original = store.storage.list_files
+
+    def counting(rel_dir, *args, **kwargs):
+        listed.append(rel_dir)
+        return original(rel_dir, *args, **kwargs)
+
+    monkeypatch.setattr(store.storage, "list_files", counting)
+    return listed
+
+
+def add_pipeline(store, dataset="corn", predictions=3) -> list[str]:
+    run = store.begin_run("r", {}, [{"name": dataset}])
+    pipe = store.begin_pipeline(run, "p", {}, {}, dataset, "h")
+    chain = store.save_chain(pipe, [], 0, "PLS", "SNV", "kfold", {}, {})
+    ids = []
+    for k in range(predictions):
+        pid = store.save_prediction(pipe, chain, dataset, "PLS", "PLS", k, "val", k / 10, 0.2, 0.3, "rmse",
+                                    "regression", 4, 10, {}, {}, None, None, 0, 0.0)
+        store.save_prediction_arrays(pid, np.arange(4.0), np.arange(4.0) + k)
+        ids.append(pid)
+    store.complete_pipeline(pipe, 0.1, 0.2, "rmse", 1)
+    return ids
+
+
+def test_point_reads_within_the_lease_list_the_lake_once(workspace, clock, monkeypatch):
+    with WorkspaceStore(workspace) as writer:
+        ids = add_pipeline(writer, predictions=10)
+    with WorkspaceStore(workspace, listing_ttl_seconds=5) as reader:
+        listed = count_listings(reader, monkeypatch)
+        rows = [reader.get_prediction(pid, load_arrays=True) for pid in ids]
+        assert [row["prediction_id"] for row in rows] == ids
+        np.testing.assert_array_equal(rows[4]["y_pred"], np.arange(4.0) + 4)
+        first = len(listed)
+        assert 0 < first <= 2  # the commits, then every table: once for all ten reads
+
+        clock.now += 5.01  # expired: the next read lists again
+        reader.get_prediction(ids[0])
+        assert len(listed) > first
+
+
+def test_without_a_lease_every_read_lists(workspace, monkeypatch):
+    with WorkspaceStore(workspace) as store:
+        ids = add_pipeline(store, predictions=2)
+        listed = count_listings(store, monkeypatch)
+        store.get_prediction(ids[0])
+        once = len(listed)
+        store.get_prediction(ids[1])
+        assert once > 0 and len(listed) == 2 * once
+
+
+def test_other_writers_show_up_when_the_lease_expires(workspace, clock):
+    with WorkspaceStore(workspace, listing_ttl_seconds=30) as reader, WorkspaceStore(workspace) as writer:
+        add_pipeline(writer)
+        writer.flush()
+        assert reader.query_predictions().height == 3
+        add_pipeline(writer, dataset="wheat")
+        writer.flush()
+        clock.now += 29
+        assert reader.query_predictions().height == 3  # the earlier state, whole
+        assert reader.list_pipelines().height == 1
+        clock.now += 1.01
+        assert reader.query_predictions().height == 6
+        assert reader.list_pipelines().height == 2
+
+
+def test_the_store_always_sees_its_own_writes_and_deletes(workspace, clock):
+    with WorkspaceStore(workspace, listing_ttl_seconds=30) as store:
+        first = add_pipeline(store)
+        assert store.query_predictions().height == 3
+        add_pipeline(store, dataset="wheat")
+        assert store.query_predictions().height == 6  # no time passed: the write ended the lease
+        store.delete_prediction(first[0])
+        assert store.get_prediction(first[0]) is None
+        assert store.query_predictions().height == 5
+        run_id = store.get_prediction(first[1])["run_id"]
+        store.delete_run(run_id)
+        assert store.get_run(run_id) is None
+        assert store.query_predictions().height == 3  # the other run's
+        store.compact()
+        assert store.query_predictions().height == 3
+
+
+@pytest.mark.parametrize("bad", [-1, math.nan, math.inf, True, "5", None])
+def test_a_bad_listing_ttl_is_refused(local_workspace, bad):
+    with pytest.raises(ValueError, match="listing_ttl_seconds must be a finite number >= 0"):
+        WorkspaceStore(local_workspace, listing_ttl_seconds=bad)
+
+
+def test_a_listing_ttl_longer_than_the_grace_period_is_refused(local_workspace):
+    with pytest.raises(ValueError, match=r"must not exceed grace_seconds \(10"):
+        WorkspaceStore(local_workspace, listing_ttl_seconds=60, grace_seconds=10)
