@@ -7,9 +7,11 @@ writers' show up once the lease expires. Runs on a local folder and on S3 (tests
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
+from conftest import let_object_times_pass
 
 import nirslake.store as store_module
 from nirslake import WorkspaceStore
@@ -122,6 +124,73 @@ def test_a_bad_listing_ttl_is_refused(local_workspace, bad):
         WorkspaceStore(local_workspace, listing_ttl_seconds=bad)
 
 
-def test_a_listing_ttl_longer_than_the_grace_period_is_refused(local_workspace):
-    with pytest.raises(ValueError, match=r"must not exceed grace_seconds \(10"):
-        WorkspaceStore(local_workspace, listing_ttl_seconds=60, grace_seconds=10)
+@pytest.mark.parametrize("ttl", [5.01, 60])
+def test_a_listing_ttl_over_half_the_grace_period_is_refused(local_workspace, ttl):
+    with pytest.raises(ValueError, match=r"must be at most half of grace_seconds \(10"):
+        WorkspaceStore(local_workspace, listing_ttl_seconds=ttl, grace_seconds=10)
+    WorkspaceStore(local_workspace, listing_ttl_seconds=5, grace_seconds=10).close()
+
+
+def test_the_lease_counts_from_the_start_of_the_listing(workspace, clock, monkeypatch):
+    """A slow listing shows the lake as it was when it started: its age counts from then."""
+    with WorkspaceStore(workspace) as writer:
+        ids = add_pipeline(writer)
+    with WorkspaceStore(workspace, listing_ttl_seconds=5) as reader:
+        listed = count_listings(reader, monkeypatch)
+        slow = reader.storage.list_files
+
+        def three_seconds_each(*args, **kwargs):
+            clock.now += 3
+            return slow(*args, **kwargs)
+
+        monkeypatch.setattr(reader.storage, "list_files", three_seconds_each)
+        reader.get_prediction(ids[0])  # two listings: 6 s, longer than the lease
+        reader.get_prediction(ids[1])
+        assert len(listed) == 4
+
+
+def test_a_write_finds_parents_another_writer_created_during_the_lease(workspace, clock):
+    with WorkspaceStore(workspace, listing_ttl_seconds=30) as second, WorkspaceStore(workspace) as first:
+        add_pipeline(first)
+        first.flush()
+        assert second.list_pipelines().height == 1  # takes a lease
+        run = first.begin_run("r2", {}, [{"name": "corn"}])
+        pipe = first.begin_pipeline(run, "p2", {}, {}, "corn", "h")
+        chain = first.save_chain(pipe, [], 0, "PLS", "SNV", "kfold", {}, {})
+        first.flush()
+        assert second.list_pipelines().height == 1  # the lease still holds for reads
+        pid = second.save_prediction(pipe, chain, "corn", "PLS", "PLS", 0, "val", 0.5, 0.2, 0.3, "rmse",
+                                     "regression", 4, 10, {}, {}, None, None, 0, 0.0)
+        second.log_step(pipe, 0, "SNV", "end")
+        assert second.get_prediction(pid)["pipeline_id"] == pipe
+        assert second.list_pipelines().height == 2  # it wrote: the lease ended
+
+
+def test_gc_during_a_lease_sees_chains_published_since(workspace, clock):
+    """gc must not decide from an old listing: a chain another writer published after the
+    lease began holds an artifact that looked unreferenced in it."""
+    writer = WorkspaceStore(workspace)
+    collector = WorkspaceStore(workspace, grace_seconds=1, listing_ttl_seconds=0.5)
+    try:
+        run = writer.begin_run("r", {}, [{"name": "corn"}])
+        failed = writer.begin_pipeline(run, "p1", {}, {}, "corn", "h")
+        model = writer.save_artifact({"coef": [1.0, 2.0]}, "PLS", "model", "pickle")
+        writer.save_chain(failed, [], 0, "PLS", "SNV", "kfold", {"fold_0": model}, {})
+        writer.fail_pipeline(failed, "diverged")  # the artifact is now held by nothing live
+        writer.flush()
+        time.sleep(1.1)
+        let_object_times_pass(workspace)  # older than the grace period, on S3 too
+        time.sleep(1.0)
+
+        assert collector.list_pipelines().height == 1  # the lease: only the failed pipeline
+        kept = writer.begin_pipeline(run, "p2", {}, {}, "corn", "h")
+        writer.save_chain(kept, [], 0, "PLS", "SNV", "kfold", {"fold_0": model}, {})
+        writer.complete_pipeline(kept, 0.1, 0.2, "rmse", 1)
+        writer.flush()
+
+        assert collector.gc_artifacts() == 0
+        assert collector.load_artifact(model) == {"coef": [1.0, 2.0]}
+        assert collector.check().ok
+    finally:
+        writer.close()
+        collector.close()

@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import posixpath
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import polars as pl
 import pyarrow as pa
 
 from . import schema as S
 from .query import resolve
+from .storage import STAGING_DIR, Storage
 from .tables import (
-    COMPACT_PREFIX,
     CLOCK,
+    COMPACT_PREFIX,
     FileCache,
     commit_state,
-    counting_commits,
     conform,
+    counting_commits,
     file_stamp,
     is_schema_file,
     new_file_name,
@@ -31,8 +32,6 @@ from .tables import (
     to_parquet_bytes,
     visible_files,
 )
-from .storage import STAGING_DIR, Storage
-
 
 # Their rows are the rules themselves: compacting them would change what every reader sees.
 NEVER_COMPACTED = ("deletions", "commits")
@@ -89,7 +88,7 @@ class CompactionResult:
     partitions: int = 0
     tables: dict[str, int] = field(default_factory=dict)  # table -> files replaced
 
-    def add(self, other: "CompactionResult", table: str) -> None:
+    def add(self, other: CompactionResult, table: str) -> None:
         self.files_replaced += other.files_replaced
         self.files_written += other.files_written
         self.bytes_before += other.bytes_before
@@ -177,7 +176,7 @@ def compact_table(
             continue
         rels = [rel for rel, _ in entries]
         size_in = sum(size for _, size in entries)
-        merged = resolve(pl.from_arrow(read_files(storage, tdef, cache, rels)).lazy(), tdef, deletions).collect()
+        merged = resolve(pl.from_arrow(read_files(storage, tdef, cache, rels, sizes)).lazy(), tdef, deletions).collect()
         added, size_out = [], 0
         for data in _encode_in_pieces(conform(merged.to_arrow(), tdef.schema), tdef.row_group_rows, target_bytes):
             name = new_file_name(COMPACT_PREFIX)

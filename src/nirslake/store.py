@@ -7,6 +7,7 @@ read rules, so a process always sees its own writes.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -178,6 +179,25 @@ def _mapping(name: str, value: Any) -> dict | None:
     return value
 
 
+def _leasable(method: Callable) -> Callable:
+    """Marks a read that may reuse the listing lease (``listing_ttl_seconds``). Every other call
+    lists afresh: a write must not look for its parents, nor gc or check for references, in an
+    old listing, and artifact bytes are not kept for a grace period as data files are."""
+
+    @functools.wraps(method)
+    def read(self: WorkspaceStore, *args: Any, **kwargs: Any) -> Any:
+        scope = self._lease_scope
+        if not self._listing_ttl or getattr(scope, "on", False):
+            return method(self, *args, **kwargs)
+        scope.on = True
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            scope.on = False
+
+    return read
+
+
 def _text(name: str, value: Any, allow_none: bool = True) -> str | None:
     if value is None and allow_none:
         return None
@@ -263,14 +283,15 @@ class WorkspaceStore:
         ttl = listing_ttl_seconds
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl < 0:
             raise ValueError(f"listing_ttl_seconds must be a finite number >= 0, got {ttl!r}")
-        if ttl > grace_seconds:
+        if ttl > grace_seconds / 2:
             raise ValueError(
-                f"listing_ttl_seconds ({ttl}) must not exceed grace_seconds ({grace_seconds}): a listing kept "
-                "longer could name files that vacuum has since deleted"
+                f"listing_ttl_seconds ({ttl}) must be at most half of grace_seconds ({grace_seconds}): a listing "
+                "kept longer could name files that vacuum has since deleted"
             )
         self._storage = Storage(workspace_path, storage_options, fsync=fsync)
         self._listing_ttl = float(listing_ttl_seconds)
         self._leases: dict[tuple[str, ...] | None, tuple[float, int, Snapshot]] = {}
+        self._lease_scope = threading.local()  # .on while a read that may use a lease runs
         self._workspace_path: Path | str = (
             Path(self._storage.root) if self._storage.is_local else os.fspath(workspace_path)
         )
@@ -306,14 +327,10 @@ class WorkspaceStore:
     def _init_workspace(self) -> None:
         # One empty file per table fixes its schema for engines that glob the lake, so every
         # view works (and returns no rows) before anything was written.
-        # They are written in table order, so the last one there means all are (one request
-        # on an object store instead of one per table).
-        tdefs = list(S.TABLES.values())
-        if not self._storage.exists(schema_file(tdefs[-1])):
-            for tdef in tdefs:
-                rel = schema_file(tdef)
-                if not self._storage.exists(rel):
-                    self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()), exists_ok=True)
+        for tdef in S.TABLES.values():
+            rel = schema_file(tdef)
+            if not self._storage.exists(rel):
+                self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()), exists_ok=True)
         catalog.ensure_catalog(self._storage)
         # Records a crashed writer made durable but never published (lake spec §6).
         for segment in orphaned_segments(self._storage):
@@ -362,9 +379,11 @@ class WorkspaceStore:
             self._publish()
         snap = self._leased_snapshot(tables)
         if snap is None:
+            # The lease counts from before the listing: the state it shows is that old.
+            started, generation = time.monotonic(), self._storage.generation
             snap = take_snapshot(self._storage, self._cache, tables if tables is None else (*tables, "deletions"))
             if self._listing_ttl:
-                self._leases[tables] = (time.monotonic(), self._storage.generation, snap)
+                self._leases[tables] = (started, generation, snap)
         deletion_rels = tuple(snap.table_files(S.DELETIONS))
         if self._deleted[0] != deletion_rels:
             table = read_files(self._storage, S.DELETIONS, self._cache, list(deletion_rels))
@@ -372,8 +391,9 @@ class WorkspaceStore:
         return snap
 
     def _leased_snapshot(self, tables: tuple[str, ...] | None) -> Snapshot | None:
-        """A listing taken less than ``listing_ttl_seconds`` ago, with no write of ours since."""
-        if not self._listing_ttl:
+        """A listing taken less than ``listing_ttl_seconds`` ago, with no write of ours since,
+        for the reads marked ``@_leasable`` only."""
+        if not self._listing_ttl or not getattr(self._lease_scope, "on", False):
             return None
         for key in (tables, None):  # a listing of every table serves a read of a few
             lease = self._leases.get(key)
@@ -516,6 +536,7 @@ class WorkspaceStore:
         """Mark the run ``failed`` and keep ``error``: a durability point."""
         self._finish("runs", run_id, status="failed", error=_free_text("error", error))
 
+    @_leasable
     def get_run(self, run_id: str) -> dict | None:
         """The run as a dict (JSON fields decoded), or None."""
         _text("run_id", run_id, allow_none=False)
@@ -529,6 +550,7 @@ class WorkspaceStore:
             row[key] = _unjson(row[key])
         return row
 
+    @_leasable
     def list_runs(self, status: str | None = None, dataset: str | None = None, limit: int = 100, offset: int = 0) -> pl.DataFrame:
         """Runs, newest first, optionally by status and by a dataset name they mention."""
         _text("status", status)
@@ -598,6 +620,7 @@ class WorkspaceStore:
         """Mark the pipeline ``failed``: its chains stop holding artifacts. A durability point."""
         self._finish("pipelines", pipeline_id, status="failed", error=_free_text("error", error))
 
+    @_leasable
     def get_pipeline(self, pipeline_id: str) -> dict | None:
         """The pipeline as a dict (JSON fields decoded), or None."""
         _text("pipeline_id", pipeline_id, allow_none=False)
@@ -611,6 +634,7 @@ class WorkspaceStore:
             row[key] = _unjson(row[key])
         return row
 
+    @_leasable
     def list_pipelines(self, run_id: str | None = None, dataset_name: str | None = None) -> pl.DataFrame:
         """Pipelines, newest first, optionally of one run and/or one dataset."""
         _text("run_id", run_id)
@@ -670,6 +694,7 @@ class WorkspaceStore:
             self._buffer("chains", row)
             return row["chain_id"]
 
+    @_leasable
     def get_chain(self, chain_id: str) -> dict | None:
         """The chain as a dict (steps, fold_artifacts, shared_artifacts, branch_path decoded), or None."""
         _text("chain_id", chain_id, allow_none=False)
@@ -683,6 +708,7 @@ class WorkspaceStore:
             row[key] = _unjson(row[key])
         return row
 
+    @_leasable
     def get_chains_for_pipeline(self, pipeline_id: str) -> pl.DataFrame:
         """The pipeline's chains, in creation order."""
         _text("pipeline_id", pipeline_id, allow_none=False)
@@ -795,6 +821,7 @@ class WorkspaceStore:
                 {"prediction_id": prediction_id, "run_id": owner[0], "dataset_name": owner[1], "_version": CLOCK.now_us(), **arrays}
             )
 
+    @_leasable
     def get_prediction(self, prediction_id: str, load_arrays: bool = False) -> dict | None:
         """The prediction as a dict, or None; with ``load_arrays`` also its arrays as numpy (or None)."""
         _text("prediction_id", prediction_id, allow_none=False)
@@ -821,6 +848,7 @@ class WorkspaceStore:
         exact = dataset_name if (dataset_name is not None and "%" not in dataset_name) else None
         return self._frame(S.PREDICTIONS, exact)
 
+    @_leasable
     def query_predictions(
         self,
         dataset_name: str | None = None,
@@ -844,6 +872,7 @@ class WorkspaceStore:
         frame = frame.sort(["created_at", "prediction_id"]).slice(offset, limit)
         return frame.collect()
 
+    @_leasable
     def top_predictions(
         self,
         n: int,
@@ -1081,6 +1110,7 @@ class WorkspaceStore:
                 },
             )
 
+    @_leasable
     def get_pipeline_log(self, pipeline_id: str) -> pl.DataFrame:
         """The pipeline's step events, ordered by step, then time."""
         _text("pipeline_id", pipeline_id, allow_none=False)
@@ -1089,6 +1119,7 @@ class WorkspaceStore:
             frame = self._frame(S.LOGS).filter(pl.col("pipeline_id") == pipeline_id)
             return self._public(frame.sort(["step_idx", "_version"], nulls_last=True).collect())
 
+    @_leasable
     def get_run_log_summary(self, run_id: str) -> pl.DataFrame:
         """One row per pipeline of the run: log count, total ``end`` duration, warnings, errors."""
         _text("run_id", run_id, allow_none=False)

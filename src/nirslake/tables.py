@@ -142,7 +142,22 @@ def write_table(
     return written
 
 
-FETCH_BATCH = 64  # files fetched together from an object store (bounds the bytes held at once)
+FETCH_FILES = 64  # files fetched together from an object store
+FETCH_BYTES = 256 * 2**20  # and their bytes, when known (compaction knows them)
+
+
+def _fetch_rounds(rels: list[str], sizes: dict[str, int]) -> Iterable[list[str]]:
+    batch: list[str] = []
+    held = 0
+    for rel in rels:
+        size = sizes.get(rel, 0)
+        if batch and (len(batch) == FETCH_FILES or held + size > FETCH_BYTES):
+            yield batch
+            batch, held = [], 0
+        batch.append(rel)
+        held += size
+    if batch:
+        yield batch
 
 
 class FileCache:
@@ -167,18 +182,24 @@ class FileCache:
             self._tables[rel] = table
         return table
 
-    def read_many(self, storage: Storage, rels: list[str], schema: pa.Schema) -> list[pa.Table]:
-        """``read`` of several files; the ones not cached yet are fetched together (one round
-        of concurrent requests on object stores instead of one request after another)."""
+    def read_many(
+        self, storage: Storage, rels: list[str], schema: pa.Schema, sizes: dict[str, int] | None = None
+    ) -> list[pa.Table]:
+        """``read`` of several files; on object stores the ones not cached yet are fetched in
+        rounds of concurrent requests instead of one request after another. A round holds at
+        most ``FETCH_FILES`` files and, where ``sizes`` tells, ``FETCH_BYTES`` bytes; each file's
+        bytes are dropped as soon as it is decoded."""
         if not storage.is_local:
             with self._lock:
                 missing = [rel for rel in dict.fromkeys(rels) if rel not in self._tables]
-            for start in range(0, len(missing) if len(missing) > 1 else 0, FETCH_BATCH):
-                for rel, data in storage.read_many(missing[start : start + FETCH_BATCH]).items():
-                    with pa.BufferReader(arrow_owned(data)) as fh:
-                        table = conform(pq.read_table(fh), schema)
-                    with self._lock:
-                        self._tables[rel] = table
+            if len(missing) > 1:
+                for batch in _fetch_rounds(missing, sizes or {}):
+                    fetched = storage.read_many(batch)
+                    for rel in batch:
+                        with pa.BufferReader(arrow_owned(fetched.pop(rel))) as fh:
+                            table = conform(pq.read_table(fh), schema)
+                        with self._lock:
+                            self._tables[rel] = table
         return [self.read(storage, rel, schema) for rel in rels]
 
     def positions(self, storage: Storage, rel: str, tdef: TableDef) -> dict[str, list[int]]:
@@ -338,10 +359,12 @@ def lookup(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str], 
     return pa.concat_tables(found) if found else tdef.schema.empty_table()
 
 
-def read_files(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str]) -> pa.Table:
+def read_files(
+    storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str], sizes: dict[str, int] | None = None
+) -> pa.Table:
     if not rels:
         return tdef.schema.empty_table()
-    return pa.concat_tables(cache.read_many(storage, rels, tdef.schema))
+    return pa.concat_tables(cache.read_many(storage, rels, tdef.schema, sizes))
 
 
 def file_stamp(name: str) -> int:
