@@ -222,6 +222,9 @@ class LakeMachine(RuleBasedStateMachine):
     chains = Bundle("chains")
     predictions = Bundle("predictions")
     artifacts = Bundle("artifacts")
+    # what a save and a re-save of a prediction draw alike
+    _save_fields = {"pipeline_id": pipelines, "same_dataset": st.booleans(), "dataset": datasets,  # noqa: RUF012
+                    "partition": partitions, "val": scores, "test": scores, "train": scores}  # fmt: skip
 
     def __init__(self):
         super().__init__()
@@ -394,18 +397,7 @@ class LakeMachine(RuleBasedStateMachine):
             norm(val), norm(test), norm(train), self.model.tick(),
         )  # fmt: skip
 
-    @rule(
-        target=predictions,
-        pipeline_id=pipelines,
-        same_dataset=st.booleans(),
-        dataset=datasets,
-        partition=partitions,
-        val=scores,
-        test=scores,
-        train=scores,
-        given=given_ids,
-        arrays=st.one_of(st.none(), array_specs),
-    )
+    @rule(target=predictions, given=given_ids, arrays=st.one_of(st.none(), array_specs), **_save_fields)
     def save_prediction(self, pipeline_id, same_dataset, dataset, partition, val, test, train, given, arrays):
         """A new prediction (or a caller-given id, maybe one already saved), sometimes with arrays."""
         if same_dataset and pipeline_id in self.model.pipelines:
@@ -425,16 +417,7 @@ class LakeMachine(RuleBasedStateMachine):
             self.save_prediction_arrays(pid, arrays)
         return pid
 
-    @rule(
-        pid=predictions,
-        pipeline_id=pipelines,
-        same_dataset=st.booleans(),
-        dataset=datasets,
-        partition=partitions,
-        val=scores,
-        test=scores,
-        train=scores,
-    )
+    @rule(pid=predictions, **_save_fields)
     def resave_prediction(self, pid, pipeline_id, same_dataset, dataset, partition, val, test, train):
         """Save an existing (or deleted) prediction id again: the latest save wins."""
         if same_dataset:

@@ -228,19 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     where = "a workspace folder or URL (s3://bucket/prefix)"
-    p = sub.add_parser("push", help="copy to REMOTE the data files and objects of LOCAL it lacks (never deletes)",
-                       description="Copy to REMOTE the data files and objects of LOCAL it lacks; never deletes. "
-                       "Safe to interrupt and run again. See docs/sync.md.")
-    p.add_argument("local", metavar="LOCAL", help=f"the source: {where}")
-    p.add_argument("remote", metavar="REMOTE", help=f"the target, created when missing: {where}")
-    p.set_defaults(func=cmd_push)
-
-    p = sub.add_parser("pull", help="copy to LOCAL the data files and objects of REMOTE it lacks (never deletes)",
-                       description="Copy to LOCAL the data files and objects of REMOTE it lacks; never deletes. "
-                       "Safe to interrupt and run again. See docs/sync.md.")
-    p.add_argument("remote", metavar="REMOTE", help=f"the source: {where}")
-    p.add_argument("local", metavar="LOCAL", help=f"the target, created when missing: {where}")
-    p.set_defaults(func=cmd_pull)
+    for name, source, target, func in (("push", "LOCAL", "REMOTE", cmd_push), ("pull", "REMOTE", "LOCAL", cmd_pull)):
+        p = sub.add_parser(name, help=f"copy to {target} the data files and objects of {source} it lacks (never deletes)",
+                           description=f"Copy to {target} the data files and objects of {source} it lacks; never "
+                           "deletes. Safe to interrupt and run again. See docs/sync.md.")
+        p.add_argument(source.lower(), metavar=source, help=f"the source: {where}")
+        p.add_argument(target.lower(), metavar=target, help=f"the target, created when missing: {where}")
+        p.set_defaults(func=func)
     return parser
 
 
