@@ -130,6 +130,7 @@ CASES = [
     Case("an error message that is not valid Unicode", lambda c: c.store.fail_run(c.run, "read \udcff failed"), ValueError, "error is not valid Unicode text"),
     Case("an unknown artifact format", lambda c: c.store.save_artifact([1.0], "M", "model", "yaml"), ValueError, "unknown artifact format 'yaml': use one of 'joblib', 'pickle', 'cloudpickle', 'npz'"),
     Case("an object array saved as `npz`", lambda c: c.store.save_artifact(np.array([print], dtype=object), "M", "model", "npz"), TypeError, "the 'npz' format refuses object arrays"),
+    Case("an `npz` key holding a NUL character", lambda c: c.store.save_artifact({"w\x00a": np.zeros(1)}, "M", "model", "npz"), ValueError, "the 'npz' format cannot store the key 'w\\x00a'"),
     Case("an artifact `operator_class` that is a dict", lambda c: c.store.save_artifact([1.0], {"class": "M"}, "model", "pickle"), TypeError, "operator_class must be a string, got dict"),
     # ---- per-sample arrays
     Case("`y_pred` shorter than `y_true`", lambda c: c.store.save_prediction_arrays(c.pred, [1, 2, 3], [1, 2]), ValueError, "mismatched lengths: y_true=3, y_pred=2"),

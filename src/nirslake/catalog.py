@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 
 from .query import LOWER_IS_BETTER
 from .schema import FORMAT_VERSION
@@ -136,6 +137,10 @@ def is_current(storage: Storage) -> bool:
         return False
 
 
+class CatalogError(ValueError):
+    """The catalog could not be built (a damaged data file, most often); the lake itself is untouched."""
+
+
 def build_catalog(storage: Storage) -> str:
     """(Re)build ``<workspace>/catalog.duckdb``; returns its path or URL."""
     with tempfile.TemporaryDirectory(prefix="nirslake-catalog-") as tmp:
@@ -144,12 +149,35 @@ def build_catalog(storage: Storage) -> str:
         try:
             create_views(con, storage)
             con.execute("CHECKPOINT")
+        except (duckdb.Error, OSError) as exc:
+            # DuckDB reads every data file's footer to bind the views: one damaged file stops it,
+            # and its error does not always say which.
+            damaged = _unreadable_footers(storage)
+            raise CatalogError(
+                f"could not build {CATALOG_FILE} of {storage.url()}: {exc}"
+                + (f" (damaged: {', '.join(damaged)})" if damaged else "")
+                + "; run `nirslake check` on the workspace to find every damaged file"
+            ) from exc
         finally:
             con.close()
         data = Path(db_path).read_bytes()
     storage.publish(CATALOG_FILE, data, overwrite=True)
     storage.publish(CATALOG_STAMP, json.dumps(_stamp(storage)).encode(), overwrite=True)
     return storage.url(CATALOG_FILE)
+
+
+def _unreadable_footers(storage: Storage) -> list[str]:
+    """The data files whose Parquet footer does not read, as DuckDB needs it to bind a view."""
+    found = []
+    for rel in storage.list_files("tables"):
+        try:
+            with storage.open_arrow(rel) as fh:
+                pq.read_metadata(fh)
+        except FileNotFoundError:
+            pass  # replaced by a compaction since the listing: gone, not damaged
+        except Exception:  # noqa: BLE001 - any other failure to read is what is looked for
+            found.append(rel)
+    return found
 
 
 def ensure_catalog(storage: Storage) -> None:

@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+import warnings
 import weakref
 import zipfile
 from collections import OrderedDict
@@ -331,7 +332,12 @@ class WorkspaceStore:
             rel = schema_file(tdef)
             if not self._storage.exists(rel):
                 self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()), exists_ok=True)
-        catalog.ensure_catalog(self._storage)
+        try:
+            catalog.ensure_catalog(self._storage)
+        except catalog.CatalogError as exc:
+            # The store reads the lake, not the catalog: a damaged file must not lock everyone
+            # out, least of all `nirslake check`, which names it.
+            warnings.warn(f"{exc}. The store opens without a current catalog.", RuntimeWarning, stacklevel=3)
         # Records a crashed writer made durable but never published (lake spec §6).
         for segment in orphaned_segments(self._storage):
             publish_segment(self._storage, segment)
@@ -674,6 +680,8 @@ class WorkspaceStore:
                 held.update(ids)
             held.update(s.get("artifact_id") for s in steps if isinstance(s, dict))
             held.discard(None)
+            if self._storage.is_local:
+                art.refresh_objects(self._storage, map(str, held))
             row = {
                 "chain_id": new_id(),
                 "pipeline_id": pipeline_id,
@@ -1020,14 +1028,20 @@ class WorkspaceStore:
     def gc_artifacts(self) -> int:
         """Remove artifacts that no live chain (of a pipeline not failed, in a run not deleted) holds.
 
+        Chains durable in another writer's journal but not yet published hold theirs too.
         Artifacts recorded, or objects saved again, within ``grace_seconds`` are kept: another
-        writer may be about to reference them. Returns how many artifacts were removed; their
+        writer may be about to reference them (lake spec §7). Returns how many artifacts were removed; their
         bytes go once no kept artifact points at them.
         """
         with self._lock:
             self._check_open()
+            # Chains other writers made durable but have not published hold artifacts too
+            # (ours are published first). Read before the lake: a segment published meanwhile
+            # is then seen in one or the other.
+            self._publish()
+            held, _ = art.unpublished_references(self._storage)
             live_pipelines = self._frame(S.PIPELINES).filter(pl.col("status") != "failed").select("pipeline_id")
-            held = set(
+            held |= set(
                 self._frame(S.CHAINS)
                 .join(live_pipelines, on="pipeline_id", how="semi")
                 .select(pl.col("artifact_ids").explode())
@@ -1058,11 +1072,7 @@ class WorkspaceStore:
             kept_paths = set(artifacts.filter(~pl.col("artifact_id").is_in(list(doomed_ids)))["path"].to_list())
             revived = []
             for rel in {row["path"] for row in doomed} - kept_paths:
-                if not _is_object(rel):
-                    continue
-                if (self._storage.modified_us(rel) or 0) < cutoff:
-                    self._storage.delete(rel)
-                else:
+                if _is_object(rel) and not art.remove_object(self._storage, rel, cutoff):
                     # Saved again by another writer since we looked (its record is not published
                     # yet, and the deletion above hides records up to now): keep the bytes and
                     # record the artifact anew, so that writer's chain still finds it.
@@ -1303,7 +1313,7 @@ class WorkspaceStore:
             return check_workspace(
                 self._storage,
                 self._cache,
-                lambda tdef: self._frame(tdef).collect(),
+                lambda tdef, snap: self._frame(tdef, snap=snap).collect(),
                 CLOCK.now_us() - self._grace_us,
                 repair=repair,
                 progress=progress,
