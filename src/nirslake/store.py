@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import __version__, catalog
 from . import artifacts as art
 from . import schema as S
 from .arrays import ARRAY_FIELDS, check_arrays, to_numpy
 from .journal import orphaned_segments
-from .query import Deleted, resolve, resolve_one, top_k
+from .query import _ENTITY_DELETIONS, Deleted, resolve, resolve_one, top_k
 from .storage import Storage
 from .tables import (
     CLOCK,
@@ -446,6 +447,7 @@ class WorkspaceStore:
                 if positions:
                     pieces.append(self._cache.read(self._storage, rel, tdef.schema).take(positions))
             rows = pa.concat_tables(pieces) if pieces else tdef.schema.empty_table()
+        _observe_stamps(rows, tdef, self._deleted[1], key)
         return resolve_one(rows, tdef, self._deleted[1])
 
     def _public(self, frame: pl.DataFrame) -> pl.DataFrame:
@@ -906,8 +908,12 @@ class WorkspaceStore:
         _text("prediction_id", prediction_id, allow_none=False)
         with self._lock:
             self._check_open()
-            if self._row(S.PREDICTIONS, prediction_id) is None:
+            snap = self._snapshot()
+            row = self._row(S.PREDICTIONS, prediction_id, snap=snap)
+            if row is None:
                 return False
+            # Read for its stamp only: arrays saved after the row must be deleted too (§5.3).
+            self._row(S.PREDICTION_ARRAYS, prediction_id, dataset_name=row["dataset_name"], snap=snap)
             self._delete("prediction", [prediction_id])
             self._known_predictions.pop(prediction_id, None)
             return True
@@ -1353,6 +1359,19 @@ class WorkspaceStore:
         predictions = [np.asarray(self.load_artifact(a).predict(data), dtype=np.float64).reshape(len(data), -1) for a in fold_ids]
         mean = np.mean(predictions, axis=0)
         return mean.ravel() if mean.shape[1] == 1 else mean
+
+
+def _observe_stamps(rows: pa.Table, tdef: S.TableDef, deleted: Deleted, key: str) -> None:
+    """Move this process's clock past every stamp of ``key`` it just read (rows and deletion),
+    so what it writes next about that key (a new version, a re-save, a deletion) is later than
+    all of it even when the writer of those rows had a clock ahead of ours (lake spec §5)."""
+    column = tdef.version_column or ("created_at" if "created_at" in rows.column_names else None)
+    if rows.num_rows and column is not None:
+        CLOCK.observe(pc.max(rows.column(column).cast(pa.int64())).as_py())
+    if tdef.name in _ENTITY_DELETIONS:
+        died = deleted.entities.get((_ENTITY_DELETIONS[tdef.name][0], key))
+        if died is not None:
+            CLOCK.observe(died)
 
 
 def _artifact_maps(fold_artifacts: Any, shared_artifacts: Any) -> tuple[dict, dict]:
