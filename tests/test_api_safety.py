@@ -87,3 +87,78 @@ def test_a_clock_behind_still_deletes_and_resaves_what_it_read(local_workspace):
         assert store.query_predictions()["prediction_id"].to_list() == [kept]
         assert store.sql("SELECT prediction_id, val_score FROM predictions").rows() == [(kept, 0.9)]
         assert store.sql("SELECT count(*) FROM prediction_arrays").item() == 0
+
+
+# --------------------------------------------------------------------------- scenario 18
+
+SURROGATE = "model-\udcff"  # what Python makes of a file name that is not UTF-8
+
+
+def test_a_lone_surrogate_in_artifact_ids_or_a_path_is_refused_at_the_call(local_workspace):
+    """Issue 9 scenario 18: a lone surrogate in a chain's artifact ids (fold, shared, step) or in
+    a registered artifact's path used to be acknowledged, and from then on every flush, read,
+    ``WorkspaceStore()`` and ``check`` of the workspace failed with UnicodeEncodeError. Each call
+    must raise ValueError naming the field, and everything stored before must stay readable."""
+    store = WorkspaceStore(local_workspace)
+    _, pipe, chain = parents(store)
+    kept = store.save_prediction(pipe, chain, "wheat", val_score=0.1, **PRED)
+    calls = {
+        "fold_artifacts['fold_0']": lambda: store.save_chain(pipe, [], 0, "M", "", "kfold", {"fold_0": SURROGATE}, {}),
+        "shared_artifacts['0']": lambda: store.save_chain(pipe, [], 0, "M", "", "kfold", {}, {"0": ["a", SURROGATE]}),
+        "steps[1]['artifact_id']": lambda: store.save_chain(pipe, [{}, {"artifact_id": SURROGATE}], 0, "M", "", "kfold", {}, {}),
+        "path": lambda: store.register_existing_artifact("a" * 64, f"/models/{SURROGATE}.pkl", "a" * 64, "M", "model", "pickle", 3),
+    }  # fmt: skip
+    for field, call in calls.items():
+        with pytest.raises(ValueError) as raised:
+            call()
+        assert str(raised.value).startswith(f"{field} is not valid Unicode text"), raised.value
+    store.close()
+    seen = run_child(
+        """
+        with WorkspaceStore(sys.argv[1]) as store:
+            report = store.check()
+            print(json.dumps({"ok": report.ok, "chains": store.sql("SELECT count(*) FROM chains").item(),
+                              "predictions": store.query_predictions()["prediction_id"].to_list()}))
+        """,
+        local_workspace,
+    )  # fmt: skip
+    assert seen == {"ok": True, "chains": 1, "predictions": [kept]}
+
+
+# --------------------------------------------------------------------------- scenario 25
+
+
+def test_a_single_shared_artifact_id_is_a_list_of_one(workspace):
+    """Issue 9 scenario 25 (first half): the seed store accepts ``shared_artifacts`` with one id
+    per step (``{"0": "<id>"}``) and its own tests pass it so; the chain keeps it as a list of one,
+    holds the artifact against gc, and replays with it."""
+    with WorkspaceStore(workspace) as store:
+        _, pipe, _ = parents(store)
+        scaler = store.save_artifact({"mean": np.ones(2)}, "StandardScaler", "transformer", "pickle")
+        chain = store.save_chain(pipe, [], 1, "PLS", "SNV", "kfold", {}, {"0": scaler, "2": [scaler]})
+        assert store.get_chain(chain)["shared_artifacts"] == {"0": [scaler], "2": [scaler]}
+        assert store.sql("SELECT artifact_ids FROM lake_table('chains') WHERE chain_id = ?", [chain]).item().to_list() == [scaler]
+
+
+class _Methods:
+    """Every method of the protocol, no ``workspace_path``."""
+
+
+for _name in [n for n in dir(WorkspaceStoreProtocol) if not n.startswith("_") and callable(getattr(WorkspaceStoreProtocol, n))]:
+    setattr(_Methods, _name, lambda self, *a, **k: None)
+
+
+class _Conforming(_Methods):
+    workspace_path = "somewhere"
+
+
+def test_the_protocol_answers_isinstance_and_issubclass(local_workspace):
+    """Issue 9 scenario 25 (second half): ``issubclass(WorkspaceStore, WorkspaceStoreProtocol)``
+    raised TypeError (a protocol with a property member); callers use it. Both checks must
+    answer, and both must see a missing method or a missing ``workspace_path``."""
+    assert issubclass(WorkspaceStore, WorkspaceStoreProtocol)
+    with WorkspaceStore(local_workspace) as store:
+        assert isinstance(store, WorkspaceStoreProtocol)
+    assert issubclass(_Conforming, WorkspaceStoreProtocol) and isinstance(_Conforming(), WorkspaceStoreProtocol)
+    assert not issubclass(_Methods, WorkspaceStoreProtocol) and not isinstance(_Methods(), WorkspaceStoreProtocol)
+    assert not issubclass(dict, WorkspaceStoreProtocol) and not isinstance({}, WorkspaceStoreProtocol)

@@ -674,7 +674,9 @@ class WorkspaceStore:
             held = set(fold_artifacts.values())
             for ids in shared_artifacts.values():
                 held.update(ids)
-            held.update(s.get("artifact_id") for s in steps if isinstance(s, dict))
+            for i, step in enumerate(steps):
+                if isinstance(step, dict) and step.get("artifact_id") is not None:
+                    held.add(_text(f"steps[{i}]['artifact_id']", str(step["artifact_id"])))
             held.discard(None)
             row = {
                 "chain_id": new_id(),
@@ -689,7 +691,7 @@ class WorkspaceStore:
                 "shared_artifacts": _json(shared_artifacts, "shared_artifacts"),
                 "branch_path": _json(branch_path, "branch_path"),
                 "source_index": _opt_int("source_index", source_index),
-                "artifact_ids": sorted(str(a) for a in held),
+                "artifact_ids": sorted(held),
                 "created_at": CLOCK.now_us(),
             }
             self._known_chains[row["chain_id"]] = pipeline_id
@@ -972,7 +974,7 @@ class WorkspaceStore:
             _text("artifact_id", artifact_id, allow_none=False)
             if artifact_id in self._known_artifacts or self._row(S.ARTIFACTS, artifact_id) is not None:
                 return artifact_id
-            path = os.fspath(path)
+            path = _text("path", os.fspath(path), allow_none=False)
             full = path if art.is_external(path) else self._storage.path(path)
             inside = full.split("://", 1)[-1].startswith(self._storage.root.rstrip("/") + "/")
             self._buffer(
@@ -1375,16 +1377,22 @@ def _observe_stamps(rows: pa.Table, tdef: S.TableDef, deleted: Deleted, key: str
 
 
 def _artifact_maps(fold_artifacts: Any, shared_artifacts: Any) -> tuple[dict, dict]:
-    """Check the chain's artifact maps: ``{"fold_0": id}`` and ``{"<step_idx>": [id, ...]}``."""
+    """Check the chain's artifact maps: ``{"fold_0": id}`` and ``{"<step_idx>": [id, ...]}``,
+    where a single id stands for a list of one (as the seed store accepts). Every id is text
+    Parquet can store: a chain's ids are also written raw, as its ``artifact_ids``."""
     if not isinstance(fold_artifacts or {}, dict) or not all(
         isinstance(v, str) or v is None for v in (fold_artifacts or {}).values()
     ):
         raise TypeError(f'fold_artifacts must map fold names to one artifact id each, like {{"fold_0": id}}; got {fold_artifacts!r}')
-    if not isinstance(shared_artifacts or {}, dict) or not all(
-        isinstance(v, (list, tuple)) and all(isinstance(i, str) for i in v) for v in (shared_artifacts or {}).values()
+    shared = shared_artifacts or {}
+    if isinstance(shared, dict):
+        shared = {str(k): [v] if isinstance(v, str) else v for k, v in shared.items()}
+    if not isinstance(shared, dict) or not all(
+        isinstance(v, (list, tuple)) and all(isinstance(i, str) for i in v) for v in shared.values()
     ):
         raise TypeError(f'shared_artifacts must map step indices to lists of artifact ids, like {{"0": [id]}}; got {shared_artifacts!r}')
-    return dict(fold_artifacts or {}), {str(k): list(v) for k, v in (shared_artifacts or {}).items()}
+    folds = {k: _text(f"fold_artifacts[{k!r}]", v) for k, v in (fold_artifacts or {}).items()}
+    return folds, {k: [_text(f"shared_artifacts[{k!r}]", i) for i in v] for k, v in shared.items()}
 
 
 def _is_object(path: str) -> bool:
