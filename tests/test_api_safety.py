@@ -162,3 +162,44 @@ def test_the_protocol_answers_isinstance_and_issubclass(local_workspace):
     assert issubclass(_Conforming, WorkspaceStoreProtocol) and isinstance(_Conforming(), WorkspaceStoreProtocol)
     assert not issubclass(_Methods, WorkspaceStoreProtocol) and not isinstance(_Methods(), WorkspaceStoreProtocol)
     assert not issubclass(dict, WorkspaceStoreProtocol) and not isinstance({}, WorkspaceStoreProtocol)
+
+
+# --------------------------------------------------------------------------- scenario 22
+
+DUCKDB_CLI = Path(sys.executable).with_name("duckdb")
+HOSTILE_FOLDERS = {
+    "newline + SQL": "ws\n; CREATE TABLE pwned AS SELECT 42 AS x; --",
+    "backslash": "back\\slash",
+    "quote": "it's",
+    "brackets and a glob": "runs[1]*?",
+    "a placeholder": "{lake}{lower_is_better}",
+}
+
+
+@pytest.mark.parametrize("folder", HOSTILE_FOLDERS.values(), ids=HOSTILE_FOLDERS.keys())
+def test_a_workspace_path_is_a_path_in_sql(tmp_path, folder):
+    """Issue 9 scenario 22: the workspace path was pasted into the view SQL unescaped (also into
+    its comments): a path holding a newline ran its SQL when the store opened, and one with a
+    backslash could not be opened. A sibling folder the glob could also match (``?`` for the
+    backslash) must not leak in. The store, its SQL and the DuckDB shell on catalog.duckdb must
+    all count exactly this workspace's rows."""
+    sibling = tmp_path / (folder.replace("\\", "_") if "\\" in folder else "neighbour")
+    workspace = tmp_path / folder
+    for ws, n in ((sibling, 3), (workspace, 2)):
+        with WorkspaceStore(ws) as store:
+            _, pipe, chain = parents(store)
+            for _ in range(n):
+                store.save_prediction(pipe, chain, "wheat", val_score=0.1, **PRED)
+    with WorkspaceStore(workspace) as store:
+        assert store.query_predictions().height == 2
+        assert store.sql("SELECT count(*) FROM predictions").item() == 2
+        assert store.sql("SELECT count(*) FROM information_schema.tables WHERE table_name = 'pwned'").item() == 0
+        store.rebuild_catalog()
+    shell = subprocess.run(
+        [str(DUCKDB_CLI), "-readonly", "-csv", "-noheader", str(workspace / "catalog.duckdb"),
+         "SELECT (SELECT count(*) FROM predictions), (SELECT count(*) FROM runs),"
+         " (SELECT count(*) FROM information_schema.tables WHERE table_name = 'pwned')"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.strip() == "2,1,0"
