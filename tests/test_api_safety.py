@@ -203,3 +203,96 @@ def test_a_workspace_path_is_a_path_in_sql(tmp_path, folder):
     )  # fmt: skip
     assert shell.returncode == 0, shell.stderr
     assert shell.stdout.strip() == "2,1,0"
+
+
+# --------------------------------------------------------------------------- scenario 12
+
+
+def _save_in_dataset(workspace, pipe, chain, dataset, pid, score, wait_before, set_after, wait_after):
+    """A writer process: saves ``pid`` with arrays under ``dataset`` (after ``wait_before``, if
+    any), sets ``set_after``, and publishes only at close, after ``wait_after`` (if any)."""
+    if wait_before is not None:
+        assert wait_before.wait(30)
+    store = WorkspaceStore(workspace)
+    store.save_prediction(pipe, chain, dataset, val_score=score, prediction_id=pid, **PRED)
+    store.save_prediction_arrays(pid, [1.0, 2.0], [score, score])
+    set_after.set()
+    if wait_after is not None:
+        assert wait_after.wait(30)
+    store.close()
+
+
+def test_one_prediction_id_saved_in_two_datasets_by_racing_writers(local_workspace):
+    """Issue 9 scenario 12: two writer processes save one prediction_id under two datasets within
+    flush_seconds; neither can see the other's save, so both are accepted. Every reader must then
+    agree on where it lives: a read by dataset and an unfiltered read (store, DuckDB, polars) show
+    the same rows for each dataset; get_prediction returns the later save; delete removes both."""
+    with WorkspaceStore(local_workspace) as store:
+        _, pipe, chain = parents(store)
+    pid = "shared-prediction-id"
+    fork = multiprocessing.get_context("fork")
+    first_saved, second_saved = fork.Event(), fork.Event()
+    writers = [
+        fork.Process(target=_save_in_dataset, args=(local_workspace, pipe, chain, "wheat", pid, 0.1, None, first_saved, second_saved)),
+        fork.Process(target=_save_in_dataset, args=(local_workspace, pipe, chain, "corn", pid, 0.9, first_saved, second_saved, None)),
+    ]  # fmt: skip
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+        assert w.exitcode == 0
+    with WorkspaceStore(local_workspace) as store:
+        everywhere = store.query_predictions().select("dataset_name", "val_score").sort("dataset_name").rows()
+        assert everywhere == [("corn", 0.9), ("wheat", 0.1)]
+        sql = "SELECT dataset_name, val_score FROM {} WHERE prediction_id = ? {}ORDER BY 1"
+        for dataset, score in everywhere:
+            by_dataset = store.query_predictions(dataset_name=dataset).select("dataset_name", "val_score").rows()
+            assert by_dataset == [(dataset, score)]
+            assert store.top_predictions(5, dataset_name=dataset)["val_score"].to_list() == [score]
+            assert store.sql(sql.format("predictions", "AND dataset_name = ? "), [pid, dataset]).rows() == [(dataset, score)]
+            scanned = query.scan(local_workspace, "predictions", dataset_name=dataset).collect()
+            assert scanned.select("dataset_name", "val_score").rows() == [(dataset, score)]
+            arrays = query.scan(local_workspace, "prediction_arrays", dataset_name=dataset).collect()
+            assert arrays["y_pred"].to_list() == [[score, score]]
+        assert store.sql(sql.format("predictions", ""), [pid]).rows() == everywhere
+        assert store.sql(sql.format("prediction_arrays", "").replace("val_score", "y_pred[1]"), [pid]).rows() == everywhere
+        scanned = query.scan(local_workspace, "predictions").collect().sort("dataset_name")
+        assert scanned.select("dataset_name", "val_score").rows() == everywhere
+        latest = store.get_prediction(pid, load_arrays=True)
+        assert (latest["dataset_name"], latest["val_score"], latest["y_pred"].tolist()) == ("corn", 0.9, [0.9, 0.9])
+        assert store.delete_prediction(pid) is True
+        assert store.query_predictions().height == 0 and store.get_prediction(pid) is None
+        assert store.sql("SELECT (SELECT count(*) FROM predictions) + (SELECT count(*) FROM prediction_arrays)").item() == 0
+
+
+# --------------------------------------------------------------------------- scenario 13
+
+
+def test_arrays_saved_for_a_prediction_another_process_deleted_stay_hidden(local_workspace):
+    """Issue 9 scenario 13: a writer saves arrays for a prediction that another process deleted
+    meanwhile. The writer cannot know (it has not read since), so the save is acknowledged, but
+    the arrays must not show anywhere without their prediction (views, polars, the store). A
+    writer that has read the deletion refuses such arrays at once."""
+    store = WorkspaceStore(local_workspace)
+    _, pipe, chain = parents(store)
+    stale, read_since = (store.save_prediction(pipe, chain, "wheat", val_score=0.1, **PRED) for _ in range(2))
+    store.flush()
+    seen = run_child(
+        """
+        with WorkspaceStore(sys.argv[1]) as other:
+            print(json.dumps([other.delete_prediction(p) for p in sys.argv[2:]]))
+        """,
+        local_workspace, stale, read_since,
+    )  # fmt: skip
+    assert seen == [True, True]
+    store.save_prediction_arrays(stale, [1.0, 2.0], [1.5, 2.5])  # acknowledged: this store has not read since
+    store.flush()
+    with WorkspaceStore(local_workspace) as reader:
+        assert reader.sql("SELECT count(*) FROM prediction_arrays").item() == 0
+        assert query.scan(local_workspace, "prediction_arrays").collect().height == 0
+        assert query.scan(local_workspace, "prediction_arrays", dataset_name="wheat").collect().height == 0
+        assert reader.get_prediction(stale, load_arrays=True) is None
+    assert store.get_prediction(read_since) is None
+    with pytest.raises(KeyError, match="unknown prediction_id"):
+        store.save_prediction_arrays(read_since, [1.0, 2.0], [1.5, 2.5])
+    store.close()

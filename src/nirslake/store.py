@@ -18,7 +18,7 @@ import weakref
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,8 @@ DEFAULT_GRACE_SECONDS = 3600.0
 MAX_NAME_CHARS = 65_536  # one name, class, label or id
 MAX_JSON_CHARS = 8 * 1024 * 1024  # one JSON field (config, scores, ...; ASCII, so also bytes) or free text (error, message)
 MAX_ARRAY_VALUES = 2**24  # one per-sample array (y_proba counts samples x classes): 128 MiB of float64
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 _PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "branch_id", "pipeline_id", "run_id")
 
@@ -308,7 +310,7 @@ class WorkspaceStore:
         self._known_runs: _Recent = _Recent(1_000)
         self._known_pipelines: _Recent = _Recent(10_000)
         self._known_chains: _Recent = _Recent(10_000)  # id -> pipeline_id
-        self._known_predictions: _Recent = _Recent(100_000)  # id -> (run_id, dataset_name)
+        self._known_predictions: _Recent = _Recent(100_000)  # id -> (run_id, dataset_name, created µs)
         self._known_artifacts: set[str] = set()
         self._closed = False
         self._init_workspace()
@@ -480,15 +482,16 @@ class WorkspaceStore:
         if owner != pipeline_id:
             raise ValueError(f"chain_id {chain_id!r} belongs to pipeline {owner!r}, not to pipeline_id {pipeline_id!r}")
 
-    def _prediction_owner(self, prediction_id: str) -> tuple[str, str] | None:
-        """(run_id, dataset_name) of a prediction; looked up without flushing, then remembered."""
+    def _prediction_owner(self, prediction_id: str) -> tuple[str, str, int] | None:
+        """(run_id, dataset_name, created µs) of a prediction; looked up without flushing, then remembered."""
         _text("prediction_id", prediction_id, allow_none=False)
         owner = self._known_predictions.get(prediction_id)
         if owner is None:
             row = self._row(S.PREDICTIONS, prediction_id, snap=self._snapshot(publish=False, tables=("predictions",)))
             if row is None:
                 return None
-            owner = self._known_predictions[prediction_id] = (row["run_id"], row["dataset_name"])
+            created = (row["created_at"] - _EPOCH) // timedelta(microseconds=1)
+            owner = self._known_predictions[prediction_id] = (row["run_id"], row["dataset_name"], created)
         return owner
 
     # ------------------------------------------------------------------ runs
@@ -793,7 +796,7 @@ class WorkspaceStore:
                 "preprocessings": _text("preprocessings", preprocessings) or "",
                 "created_at": CLOCK.now_us(),
             }
-            self._known_predictions[pid] = (pipeline["run_id"], dataset_name)
+            self._known_predictions[pid] = (pipeline["run_id"], dataset_name, row["created_at"])
             self._buffer("predictions", row)
             return pid
 
@@ -810,6 +813,17 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             owner = self._prediction_owner(prediction_id)
+            # Arrays of a deleted prediction would never show (lake spec §5.4): a remembered owner
+            # that a deletion this store has read since may hide is looked up again (another
+            # process may have saved it anew). A deletion not read yet is left to the read rules.
+            deleted = self._deleted[1]
+            if (
+                owner is not None
+                and deleted is not None
+                and (owner[0] in deleted.runs or deleted.entities.get(("prediction", prediction_id), -1) >= owner[2])
+            ):
+                self._known_predictions.pop(prediction_id, None)
+                owner = self._prediction_owner(prediction_id)
             if owner is None:
                 self._publish()  # it may sit in this process's buffer
                 owner = self._prediction_owner(prediction_id)
@@ -1252,7 +1266,7 @@ class WorkspaceStore:
             self._known_runs.pop(run_id, None)
             for pid in [p for p, row in self._known_pipelines.items() if row["run_id"] == run_id]:
                 del self._known_pipelines[pid]
-            for pid in [p for p, (owner, _) in self._known_predictions.items() if owner == run_id]:
+            for pid in [p for p, (owner, _, _) in self._known_predictions.items() if owner == run_id]:
                 del self._known_predictions[pid]
             if delete_artifacts:
                 self.gc_artifacts()
