@@ -8,6 +8,7 @@ and checks the store API, the DuckDB views and the polars scan alike.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import subprocess
@@ -296,3 +297,45 @@ def test_arrays_saved_for_a_prediction_another_process_deleted_stay_hidden(local
     with pytest.raises(KeyError, match="unknown prediction_id"):
         store.save_prediction_arrays(read_since, [1.0, 2.0], [1.5, 2.5])
     store.close()
+
+
+# --------------------------------------------------------------------------- scenario 24
+
+
+def test_small_values_fail_clearly_or_keep_their_shape(local_workspace, capsys):
+    """Issue 9 scenario 24: values that ended in OverflowError or AttributeError, settings checked
+    in the wrong order, and arrays that lost their shape or mask. Each call now either works (a
+    huge limit is no limit; y_proba of 0 samples x 3 classes comes back (0, 3)) or raises an error
+    naming the field (the CLI exits 2 with it); nothing stored changes."""
+    from nirslake.cli import main
+
+    with WorkspaceStore(local_workspace) as store:
+        _, pipe, chain = parents(store)
+        pid = store.save_prediction(pipe, chain, "wheat", val_score=0.1, **PRED)
+        with pytest.raises(ValueError, match="^val_score is out of range for a 64-bit float"):
+            store.save_prediction(pipe, chain, "wheat", val_score=10**400, **PRED)
+        assert store.query_predictions(limit=2**70)["prediction_id"].to_list() == [pid]
+        assert store.list_runs(limit=2**70, offset=2**70).height == 0
+        assert store.top_predictions(2**70)["prediction_id"].to_list() == [pid]
+        with pytest.raises(ValueError, match="^target_file_mb must be a positive finite number, got inf"):
+            store.compact(target_file_mb=math.inf)
+        store.save_prediction_arrays(pid, [], [], y_proba=np.empty((0, 3)))
+        assert store.get_prediction(pid, load_arrays=True)["y_proba"].shape == (0, 3)
+        masked = np.ma.masked_array([1.0, 2.0], mask=[False, True])
+        with pytest.raises(TypeError, match=r"^y_pred is a masked array, whose mask would be lost: pass y_pred.filled\(np.nan\)"):
+            store.save_prediction_arrays(pid, [1.0, 2.0], masked)
+        assert store.get_prediction(pid, load_arrays=True)["y_proba"].shape == (0, 3)
+    for name, value in (("grace_seconds", -1), ("flush_seconds", math.nan), ("flush_bytes", 0), ("flush_rows", 2.5)):
+        with pytest.raises(ValueError, match=f"^{name} must be a "):
+            WorkspaceStore(local_workspace, listing_ttl_seconds=0, **{name: value})
+    capsys.readouterr()
+    for argv, message in (
+        (["compact", "--target-mb", "inf"], "target_file_mb must be a positive finite number, got inf"),
+        (["check", "--grace-seconds", "-5"], "grace_seconds must be a finite number >= 0, got -5.0"),
+        (["sql", ""], "the query holds no SQL statement: ''"),
+        (["sql", "-- only a comment"], "the query holds no SQL statement"),
+    ):
+        assert main([*argv, "-w", local_workspace]) == 2
+        assert message in capsys.readouterr().err
+    with WorkspaceStore(local_workspace) as store:
+        assert store.query_predictions()["val_score"].to_list() == [0.1]

@@ -70,6 +70,9 @@ MAX_ARRAY_VALUES = 2**24  # one per-sample array (y_proba counts samples x class
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
+# polars counts rows in 32 bits: no frame holds more, so a larger limit, offset or n means the same.
+MAX_ROWS = 2**32 - 1
+
 _PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "branch_id", "pipeline_id", "run_id")
 
 
@@ -129,6 +132,8 @@ def _opt_float(name: str, value: Any) -> float | None:
         number = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number or None, got {value!r}") from None
+    except OverflowError:  # an integer beyond float64 (10**400): not an infinity, so not kept as one
+        raise ValueError(f"{name} is out of range for a 64-bit float: an integer of {len(str(abs(int(value))))} digits") from None
     return None if math.isnan(number) else number
 
 
@@ -153,7 +158,7 @@ def _count(name: str, value: Any, allow_none: bool = False) -> int | None:
         raise TypeError(f"{name} must be a non-negative integer{' or None' if allow_none else ''}, got {value!r}")
     if value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
+    return min(int(value), MAX_ROWS)
 
 
 def _fold_id(value: Any) -> str | None:
@@ -283,6 +288,12 @@ class WorkspaceStore:
         fsync: bool = False,
         listing_ttl_seconds: float = 0.0,
     ) -> None:
+        for name, value in (("grace_seconds", grace_seconds), ("flush_seconds", flush_seconds)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name, value in (("flush_bytes", flush_bytes), ("flush_rows", flush_rows)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         ttl = listing_ttl_seconds
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl < 0:
             raise ValueError(f"listing_ttl_seconds must be a finite number >= 0, got {ttl!r}")
@@ -860,7 +871,7 @@ class WorkspaceStore:
         stored = self._row(tdef, prediction_id, dataset_name=dataset_name, snap=snap)
         if stored is None:
             return {f: None for f in ARRAY_FIELDS}
-        return {f: to_numpy(f, stored[f]) for f in ARRAY_FIELDS}
+        return {f: to_numpy(f, stored[f], stored["y_proba_classes"]) for f in ARRAY_FIELDS}
 
     def _predictions(self, dataset_name: str | None = None) -> pl.LazyFrame:
         exact = dataset_name if (dataset_name is not None and "%" not in dataset_name) else None
@@ -917,7 +928,7 @@ class WorkspaceStore:
             frame = self._predictions(dataset_name)
         if exprs:
             frame = frame.filter(*exprs)
-        return top_k(frame, int(n), score=metric, by=group_by, ascending=ascending)
+        return top_k(frame, min(int(n), MAX_ROWS), score=metric, by=group_by, ascending=ascending)
 
     def delete_prediction(self, prediction_id: str) -> bool:
         """Delete one prediction and its arrays; False when it did not exist."""
@@ -1300,8 +1311,12 @@ class WorkspaceStore:
         """
         from .maintenance import compact_all
 
-        if not isinstance(target_file_mb, (int, float)) or isinstance(target_file_mb, bool) or not target_file_mb > 0:
-            raise ValueError(f"target_file_mb must be a positive number, got {target_file_mb!r}")
+        if (
+            not isinstance(target_file_mb, (int, float))
+            or isinstance(target_file_mb, bool)
+            or not 0 < target_file_mb < math.inf
+        ):
+            raise ValueError(f"target_file_mb must be a positive finite number, got {target_file_mb!r}")
         with self._lock:
             self._check_open()
             self._publish()
@@ -1342,7 +1357,10 @@ class WorkspaceStore:
             self._publish()
             con = catalog.connect(self._storage)
             try:
-                return con.execute(query, params or []).pl()
+                result = con.execute(query, params or [])
+                if result is None:  # DuckDB's answer to text without a statement ("", a comment)
+                    raise ValueError(f"the query holds no SQL statement: {query!r}; pass one, e.g. 'SELECT * FROM runs'")
+                return result.pl()
             finally:
                 con.close()
 
