@@ -223,25 +223,33 @@ def _save_in_dataset(workspace, pipe, chain, dataset, pid, score, wait_before, s
     store.close()
 
 
-def test_one_prediction_id_saved_in_two_datasets_by_racing_writers(local_workspace):
-    """Issue 9 scenario 12: two writer processes save one prediction_id under two datasets within
-    flush_seconds; neither can see the other's save, so both are accepted. Every reader must then
-    agree on where it lives: a read by dataset and an unfiltered read (store, DuckDB, polars) show
-    the same rows for each dataset; get_prediction returns the later save; delete removes both."""
-    with WorkspaceStore(local_workspace) as store:
+def race_one_id_into_two_datasets(workspace: str) -> str:
+    """Two forked writer processes save one prediction_id (with arrays) under ``wheat`` (0.1),
+    then under ``corn`` (0.9), and publish only once both saved; returns the id."""
+    with WorkspaceStore(workspace) as store:
         _, pipe, chain = parents(store)
     pid = "shared-prediction-id"
     fork = multiprocessing.get_context("fork")
     first_saved, second_saved = fork.Event(), fork.Event()
     writers = [
-        fork.Process(target=_save_in_dataset, args=(local_workspace, pipe, chain, "wheat", pid, 0.1, None, first_saved, second_saved)),
-        fork.Process(target=_save_in_dataset, args=(local_workspace, pipe, chain, "corn", pid, 0.9, first_saved, second_saved, None)),
+        fork.Process(target=_save_in_dataset, args=(workspace, pipe, chain, "wheat", pid, 0.1, None, first_saved, second_saved)),
+        fork.Process(target=_save_in_dataset, args=(workspace, pipe, chain, "corn", pid, 0.9, first_saved, second_saved, None)),
     ]  # fmt: skip
     for w in writers:
         w.start()
     for w in writers:
         w.join(60)
         assert w.exitcode == 0
+    return pid
+
+
+def test_one_prediction_id_saved_in_two_datasets_by_racing_writers(local_workspace):
+    """Issue 9 scenario 12: two writer processes save one prediction_id under two datasets within
+    flush_seconds; neither can see the other's save, so both are accepted. Every reader must then
+    agree on where it lives: a read by dataset and an unfiltered read (store, DuckDB, polars) show
+    the same rows for each dataset; get_prediction returns the later save; delete removes both.
+    (tests/test_spark.py checks Spark on the same race.)"""
+    pid = race_one_id_into_two_datasets(local_workspace)
     with WorkspaceStore(local_workspace) as store:
         everywhere = store.query_predictions().select("dataset_name", "val_score").sort("dataset_name").rows()
         assert everywhere == [("corn", 0.9), ("wheat", 0.1)]
@@ -269,30 +277,44 @@ def test_one_prediction_id_saved_in_two_datasets_by_racing_writers(local_workspa
 # --------------------------------------------------------------------------- scenario 13
 
 
-def test_arrays_saved_for_a_prediction_another_process_deleted_stay_hidden(local_workspace):
-    """Issue 9 scenario 13: a writer saves arrays for a prediction that another process deleted
-    meanwhile. The writer cannot know (it has not read since), so the save is acknowledged, but
-    the arrays must not show anywhere without their prediction (views, polars, the store). A
-    writer that has read the deletion refuses such arrays at once."""
-    store = WorkspaceStore(local_workspace)
-    _, pipe, chain = parents(store)
-    stale, read_since = (store.save_prediction(pipe, chain, "wheat", val_score=0.1, **PRED) for _ in range(2))
-    store.flush()
+def delete_in_another_process(workspace: str, *prediction_ids: str) -> None:
     seen = run_child(
         """
         with WorkspaceStore(sys.argv[1]) as other:
             print(json.dumps([other.delete_prediction(p) for p in sys.argv[2:]]))
         """,
-        local_workspace, stale, read_since,
+        workspace, *prediction_ids,
     )  # fmt: skip
-    assert seen == [True, True]
-    store.save_prediction_arrays(stale, [1.0, 2.0], [1.5, 2.5])  # acknowledged: this store has not read since
-    store.flush()
+    assert seen == [True] * len(prediction_ids)
+
+
+def save_arrays_after_another_process_deleted(workspace: str) -> str:
+    """Arrays acknowledged for a prediction another process deleted meanwhile; returns its id."""
+    with WorkspaceStore(workspace) as store:
+        _, pipe, chain = parents(store)
+        pid = store.save_prediction(pipe, chain, "wheat", val_score=0.1, **PRED)
+        store.flush()
+        delete_in_another_process(workspace, pid)
+        store.save_prediction_arrays(pid, [1.0, 2.0], [1.5, 2.5])  # this store has not read since
+    return pid
+
+
+def test_arrays_saved_for_a_prediction_another_process_deleted_stay_hidden(local_workspace):
+    """Issue 9 scenario 13: a writer saves arrays for a prediction that another process deleted
+    meanwhile. The writer cannot know (it has not read since), so the save is acknowledged, but
+    the arrays must not show anywhere without their prediction (views, polars, the store; Spark
+    in tests/test_spark.py). A writer that has read the deletion refuses such arrays at once."""
+    stale = save_arrays_after_another_process_deleted(local_workspace)
     with WorkspaceStore(local_workspace) as reader:
         assert reader.sql("SELECT count(*) FROM prediction_arrays").item() == 0
         assert query.scan(local_workspace, "prediction_arrays").collect().height == 0
         assert query.scan(local_workspace, "prediction_arrays", dataset_name="wheat").collect().height == 0
         assert reader.get_prediction(stale, load_arrays=True) is None
+    store = WorkspaceStore(local_workspace)
+    _, pipe, chain = parents(store)
+    read_since = store.save_prediction(pipe, chain, "wheat", val_score=0.1, **PRED)
+    store.flush()
+    delete_in_another_process(local_workspace, read_since)
     assert store.get_prediction(read_since) is None
     with pytest.raises(KeyError, match="unknown prediction_id"):
         store.save_prediction_arrays(read_since, [1.0, 2.0], [1.5, 2.5])
