@@ -339,7 +339,7 @@ def test_small_values_fail_clearly_or_keep_their_shape(local_workspace, capsys):
         assert store.query_predictions(limit=2**70)["prediction_id"].to_list() == [pid]
         assert store.list_runs(limit=2**70, offset=2**70).height == 0
         assert store.top_predictions(2**70)["prediction_id"].to_list() == [pid]
-        with pytest.raises(ValueError, match="^target_file_mb must be a positive finite number, got inf"):
+        with pytest.raises(ValueError, match="^target_file_mb must be a positive number, and finite: got inf"):
             store.compact(target_file_mb=math.inf)
         store.save_prediction_arrays(pid, [], [], y_proba=np.empty((0, 3)))
         assert store.get_prediction(pid, load_arrays=True)["y_proba"].shape == (0, 3)
@@ -352,7 +352,7 @@ def test_small_values_fail_clearly_or_keep_their_shape(local_workspace, capsys):
             WorkspaceStore(local_workspace, listing_ttl_seconds=0, **{name: value})
     capsys.readouterr()
     for argv, message in (
-        (["compact", "--target-mb", "inf"], "target_file_mb must be a positive finite number, got inf"),
+        (["compact", "--target-mb", "inf"], "target_file_mb must be a positive number, and finite: got inf"),
         (["check", "--grace-seconds", "-5"], "grace_seconds must be a finite number >= 0, got -5.0"),
         (["sql", ""], "the query holds no SQL statement: ''"),
         (["sql", "-- only a comment"], "the query holds no SQL statement"),

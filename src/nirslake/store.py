@@ -1316,7 +1316,7 @@ class WorkspaceStore:
             or isinstance(target_file_mb, bool)
             or not 0 < target_file_mb < math.inf
         ):
-            raise ValueError(f"target_file_mb must be a positive finite number, got {target_file_mb!r}")
+            raise ValueError(f"target_file_mb must be a positive number, and finite: got {target_file_mb!r}")
         with self._lock:
             self._check_open()
             self._publish()
