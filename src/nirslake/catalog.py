@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import uuid
 from importlib import resources
@@ -33,16 +34,29 @@ def sql_dir() -> Path:
 
 
 def view_statements(storage: Storage) -> str:
-    """The view SQL with the workspace location filled in."""
-    # Glob characters in the workspace path itself must match literally: [ * ? become [[] [*] [?].
-    literal = "".join(f"[{c}]" if c in "[*?" else c for c in storage.url())
-    lake = literal.replace("'", "''")
+    """The view SQL with the workspace location filled in (lake spec §9).
+
+    The location goes only into string literals (``'{lake}`` exactly, ``'{lake_glob}`` as a
+    DuckDB glob), quoted for SQL: a path holding a quote, a newline or ``--`` stays a path.
+    """
+    location = storage.url()
+    # DuckDB's globs take [ * ? as patterns, matched literally as [[] [*] [?]; they cannot
+    # match a backslash at all (not even escaped), so `?` stands for it and lake_files keeps
+    # only the files under the exact location.
+    glob = "".join(f"[{c}]" if c in "[*?" else "?" if c == "\\" else c for c in location)
+    literals = {"lake": _sql_text(location), "lake_glob": _sql_text(glob)}
     metrics = ", ".join(f"'{m}'" for m in sorted(LOWER_IS_BETTER))
     parts = []
     for path in sorted((sql_dir() / "views").glob("*.sql")):
         text = path.read_text(encoding="utf-8")
-        parts.append(text.replace("{lake}", lake).replace("{lower_is_better}", metrics))
+        if re.search(r"(?<!')\{lake", text):
+            raise ValueError(f"{path}: the workspace location may only start a string literal ('{{lake}}...')")
+        text = text.replace("{lower_is_better}", metrics)  # before the location, which may hold anything
+        parts.append(_PLACEHOLDER.sub(lambda m: "'" + literals[m.group(1)], text))
     return "\n".join(parts)
+
+
+_PLACEHOLDER = re.compile(r"'\{(lake|lake_glob)\}")
 
 
 def httpfs_load_statement() -> str:
