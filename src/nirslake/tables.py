@@ -190,7 +190,7 @@ def _decoding(rel: str):
 
 class FileCache:
     """Decoded contents of data files, keyed by path. Files never change, so entries never go
-    stale; those of files a compaction replaced are dropped by the next snapshot (``retain``)."""
+    stale; those of files a compaction replaced are dropped by the next snapshot."""
 
     def __init__(self) -> None:
         self._tables: dict[str, pa.Table] = {}
@@ -198,6 +198,7 @@ class FileCache:
         self._positions: dict[str, dict[str, list[int]]] = {}
         self._ranges: dict[str, list[tuple]] = {}
         self.commit_memo: tuple = (None, None)  # (commit file names, their commit state)
+        self._swept_for: tuple[str, ...] | None = None  # the commit files forget_replaced last ran for
         self._lock = threading.Lock()
 
     def read(self, storage: Storage, rel: str, schema: pa.Schema) -> pa.Table:
@@ -274,18 +275,17 @@ class FileCache:
                 self._footers[rel] = hit
         return hit
 
-    def cached_files(self) -> set[str]:
-        """The files this cache holds anything of."""
+    def forget_replaced(self, commit_rels: tuple[str, ...], removed: set[str]) -> None:
+        """Forget the files the counting commits hid (``removed``): no later snapshot reads them
+        (a reader still holding an older one reads them again from storage, where they stay
+        for the grace period). Only a new commit hides files, so this sweeps the cache once
+        per new set of commits, not on every read."""
+        if self._swept_for == commit_rels:
+            return
         with self._lock:
-            return {*self._tables, *self._footers}
-
-    def retain(self, listed: dict[str, list[str]], visible: dict[str, list[str]]) -> None:
-        """Forget the files of the ``listed`` tables that are not ``visible`` any more: a
-        compaction replaced them, so no later snapshot reads them (a reader still holding an
-        older one reads them again from storage, where they stay for the grace period)."""
-        cached = self.cached_files()
-        keep = {rel for name in listed for rel in visible.get(name, ())}
-        self.forget(rel for rel in cached if rel.split("/", 2)[1] in listed and rel not in keep)
+            cached = {*self._tables, *self._footers}
+        self.forget(rel for rel in cached if posixpath.basename(rel) in removed)
+        self._swept_for = commit_rels
 
     def forget(self, rels: Iterable[str]) -> None:
         with self._lock:
@@ -426,8 +426,7 @@ def take_snapshot(storage: Storage, cache: FileCache, tables: tuple[str, ...] | 
     The commits are listed **before** any data file (lake spec §4): a commit is published only
     after the files it adds, so every commit this listing sees has its files in the listing too.
     The data tables follow in ``LISTING_ORDER``, the deletions last. The cached contents of
-    the listed tables' files that are no longer visible (compaction replaced them) are dropped,
-    so a long-lived reader holds only what it can still read.
+    files a compaction replaced are dropped, so a long-lived reader holds only what it can read.
     """
     commit_rels = storage.list_files(COMMITS.dir)
     names = set(TABLES if tables is None else tables) - {COMMITS.name}
@@ -439,7 +438,7 @@ def take_snapshot(storage: Storage, cache: FileCache, tables: tuple[str, ...] | 
     for name, rels in listed.items():
         if rels:
             files[name] = [r for r in rels if is_visible(posixpath.basename(r), added, removed)]
-    cache.retain(listed, files)
+    cache.forget_replaced(tuple(commit_rels), removed)
     return Snapshot(files)
 
 
