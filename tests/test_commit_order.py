@@ -21,10 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nirslake import WorkspaceStore
+from nirslake import WorkspaceStore, maintenance, tables
 from nirslake import schema as S
-from nirslake import tables
-from nirslake.maintenance import compact_table, purge
+from nirslake.maintenance import compact_table, leftovers, purge
 from nirslake.query import scan
 from nirslake.storage import Storage
 from nirslake.tables import CLOCK, FileCache, take_snapshot, write_table
@@ -231,26 +230,16 @@ def test_a_compaction_that_landed_before_the_claim_keeps_its_output(tmp_path):
     workspace = str(tmp_path / "ws")
     pipe = write_logs(workspace, 2)
     storage = Storage(workspace)
-    found = None
-
-    def listing_then_commit():
-        nonlocal found
-        from nirslake.maintenance import leftovers
-
-        with WorkspaceStore(workspace) as store:  # a compaction that leaves uncommitted output
-            store.compact(tables=["logs"])
-        [commit] = [rel for rel in storage.list_files(S.COMMITS.dir) if not tables.is_schema_file(rel)]
-        data = storage.read_bytes(commit)
-        storage.delete(commit)
-        time.sleep(0.01)
-        found = leftovers(storage, FileCache(), CLOCK.now_us())
-        storage.publish(commit, data)  # its commit lands after the repair listed it as uncommitted
-
-    listing_then_commit()
+    with WorkspaceStore(workspace) as store:
+        store.compact(tables=["logs"])
+    [commit] = [rel for rel in storage.list_files(S.COMMITS.dir) if not tables.is_schema_file(rel)]
+    data = storage.read_bytes(commit)
+    storage.delete(commit)  # as if it had not landed yet when the repair listed the lake
+    time.sleep(0.01)
+    found = leftovers(storage, FileCache(), CLOCK.now_us())
     assert len(found["uncommitted"]) == 1
-    from nirslake.maintenance import remove_leftovers
-
-    assert remove_leftovers(storage, FileCache(), found) == 0
+    storage.publish(commit, data)  # the commit lands; then the repair claims and deletes
+    assert maintenance.remove_leftovers(storage, FileCache(), found) == 0
     assert storage.exists(found["uncommitted"][0])
     assert log_counts(workspace, pipe) == (10, 10, 10, 10)
 
