@@ -257,6 +257,27 @@ def test_conditional_writes_claim_commit_numbers_on_s3(s3_workspace):
     assert [tables.land_commit(storage, row) for _ in range(2)] == [tables.commit_file(1), tables.commit_file(2)]
 
 
+def test_committers_racing_for_numbers_lose_no_commit(tmp_path):
+    """Four committers landing five commits each at once: every commit lands, under numbers 1 to 20."""
+    storage = Storage(str(tmp_path / "ws"))
+    ids = [[f"{t}-{i}" for i in range(5)] for t in range(4)]
+
+    def committer(mine):
+        for commit_id in mine:
+            row = {"commit_id": commit_id, "table_name": "logs", "added": [], "removed": [commit_id], "created_at": 0}
+            tables.land_commit(storage, row)
+
+    threads = [threading.Thread(target=committer, args=(mine,)) for mine in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rels = storage.list_files(S.COMMITS.dir)
+    assert rels == [tables.commit_file(n) for n in range(1, 21)]
+    landed = [pq.read_table(storage.path(rel))["commit_id"][0].as_py() for rel in rels]
+    assert sorted(landed) == sorted(i for mine in ids for i in mine)
+
+
 def test_a_snapshot_holds_the_parent_of_every_child_it_holds(tmp_path, monkeypatch):
     """Issue 9 scenario 17: check during writes reported missing parents that were not missing.
     The snapshot listed tables/ in one alphabetical walk, pipelines before predictions: a
