@@ -15,6 +15,7 @@ from conftest import let_object_times_pass
 
 import nirslake.store as store_module
 from nirslake import WorkspaceStore
+from nirslake.tables import LISTING_ORDER
 
 
 class FakeClock:
@@ -69,7 +70,8 @@ def test_point_reads_within_the_lease_list_the_lake_once(workspace, clock, monke
         assert [row["prediction_id"] for row in rows] == ids
         np.testing.assert_array_equal(rows[4]["y_pred"], np.arange(4.0) + 4)
         first = len(listed)
-        assert 0 < first <= 2  # the commits, then every table: once for all ten reads
+        # The commits, then every table, children before parents (lake spec §4): once for all ten reads.
+        assert listed == [f"tables/{name}" for name in ("commits", *LISTING_ORDER, "deletions")]
 
         clock.now += 5.01  # expired: the next read lists again
         reader.get_prediction(ids[0])
@@ -144,9 +146,9 @@ def test_the_lease_counts_from_the_start_of_the_listing(workspace, clock, monkey
             return slow(*args, **kwargs)
 
         monkeypatch.setattr(reader.storage, "list_files", three_seconds_each)
-        reader.get_prediction(ids[0])  # two listings: 6 s, longer than the lease
+        reader.get_prediction(ids[0])  # one listing per table: 27 s, longer than the lease
         reader.get_prediction(ids[1])
-        assert len(listed) == 4
+        assert len(listed) == 2 * (len(LISTING_ORDER) + 2)
 
 
 def test_a_write_finds_parents_another_writer_created_during_the_lease(workspace, clock):

@@ -13,14 +13,23 @@ FROM read_parquet('{lake_glob}/tables/' || table_name || '/**/*.parquet',
                   union_by_name = true, filename = true, file_row_number = true, hive_partitioning = false)
 WHERE starts_with(filename, '{lake}/tables/');
 
--- A compaction commit counts unless an earlier commit already replaced one of the same
--- files: of two compactions racing over the same files, the first wins.
+-- Commits in the order they landed: each claimed the next number in its file name
+-- (commit-<n>.parquet) with a put-if-absent; commits from before numbering come first, by
+-- commit_id. A commit does not count when an earlier one (counted or not) already removed a
+-- file it removes, or already named (added or removed) a file it adds: of two compactions
+-- racing over the same files the first to land wins, and compaction output that a purge
+-- claimed before its commit landed never shows (lake spec §4).
 CREATE OR REPLACE VIEW lake_commits AS
-WITH c AS MATERIALIZED (SELECT * EXCLUDE (_file, _row) FROM lake_files('commits'))
-SELECT * FROM c
+WITH c AS MATERIALIZED (
+    SELECT * EXCLUDE (_file, _row),
+           coalesce(TRY_CAST(regexp_extract(_file, '^commit-([0-9]+)\.parquet$', 1) AS BIGINT), -1) AS _landed
+    FROM lake_files('commits'))
+SELECT * EXCLUDE (_landed) FROM c
 WHERE NOT EXISTS (
     SELECT 1 FROM c AS earlier
-    WHERE earlier.commit_id < c.commit_id AND len(list_intersect(earlier.removed, c.removed)) > 0);
+    WHERE (earlier._landed < c._landed OR (earlier._landed = c._landed AND earlier.commit_id < c.commit_id))
+      AND (len(list_intersect(earlier.removed, c.removed)) > 0
+           OR len(list_intersect(coalesce(earlier.added, []) || coalesce(earlier.removed, []), c.added)) > 0));
 
 -- Per file name of one table: whether a counting commit added it, and whether one removed it.
 CREATE OR REPLACE MACRO lake_visibility(tbl) AS TABLE

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from . import artifacts as art
 from . import schema as S
-from .maintenance import leftovers
+from .maintenance import leftovers, remove_leftovers
 from .storage import Storage
 from .tables import FileCache, Snapshot, take_snapshot
 
@@ -118,14 +118,12 @@ def check_workspace(
         ]
     report.leftovers = found
     if repair:
-        for kind, rels in found.items():
-            for rel in rels:
-                if kind == "unreferenced objects":
-                    # An object saved again since the listing (a writer re-using it) is kept.
-                    report.removed += art.remove_object(storage, rel, cutoff_us)
-                else:
-                    report.removed += storage.delete(rel)
-        cache.forget(rel for rels in found.values() for rel in rels)
+        objects = found.get("unreferenced objects", [])
+        # Lake files go the purge's way: uncommitted compaction output is claimed first (§4).
+        report.removed += remove_leftovers(storage, cache, {k: v for k, v in found.items() if k != "unreferenced objects"})
+        for rel in objects:
+            # An object saved again since the listing (a writer re-using it) is kept (§7).
+            report.removed += art.remove_object(storage, rel, cutoff_us)
     return report
 
 

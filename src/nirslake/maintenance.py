@@ -24,8 +24,9 @@ from .tables import (
     commit_state,
     conform,
     counting_commits,
-    file_stamp,
     is_schema_file,
+    is_visible,
+    land_commit,
     new_file_name,
     new_id,
     read_files,
@@ -41,17 +42,21 @@ def leftovers(storage: Storage, cache: FileCache, cutoff_us: int) -> dict[str, l
     """Bytes no reader needs any more, if they became unneeded before ``cutoff_us``, by kind.
 
     ``superseded``: files a counting commit replaced; ``uncommitted``: compaction output no
-    counting commit made visible (a crashed or losing compaction); ``staging``: half-written
-    files of crashed writers. Artifact objects are left to ``gc_artifacts`` and ``check``.
+    counting commit made visible (a crashed, losing or still running compaction);
+    ``staging``: half-written files of crashed writers. Artifact objects are left to
+    ``gc_artifacts`` and ``check``. Ages are the storage's modification times (when a commit
+    landed, when a file was written), never a writer's clock: a compactor whose clock is behind
+    gets neither its replaced files deleted early nor its output taken for old.
     """
     commits, added, _ = counting_commits(storage, cache)
-    counted_removed = {name for created, _, removed in commits if created < cutoff_us for name in removed}
+    landed = storage.list_modified(S.COMMITS.dir) if commits else {}
+    counted_removed = {name for c in commits if landed.get(c.rel, cutoff_us) < cutoff_us for name in c.removed}
     found: dict[str, list[str]] = {"superseded": [], "uncommitted": [], "staging": []}
     for rel in storage.list_files("tables"):
         name = posixpath.basename(rel)
         if name in counted_removed:
             found["superseded"].append(rel)
-        elif name.startswith(COMPACT_PREFIX) and name not in added and file_stamp(name) < cutoff_us:
+        elif name.startswith(COMPACT_PREFIX) and name not in added and (storage.modified_us(rel) or 0) < cutoff_us:
             found["uncommitted"].append(rel)
     found["staging"] = [
         rel for rel in storage.list_files(STAGING_DIR, suffix=".tmp") if (storage.modified_us(rel) or 0) < cutoff_us
@@ -59,11 +64,37 @@ def leftovers(storage: Storage, cache: FileCache, cutoff_us: int) -> dict[str, l
     return found
 
 
-def purge(storage: Storage, cache: FileCache, cutoff_us: int) -> int:
-    """Delete the :func:`leftovers` older than ``cutoff_us``; returns how many files went."""
-    doomed = [rel for rels in leftovers(storage, cache, cutoff_us).values() for rel in rels]
+def remove_leftovers(storage: Storage, cache: FileCache, found: dict[str, list[str]]) -> int:
+    """Delete the ``found`` leftovers (of :func:`leftovers`); returns how many files went.
+
+    Uncommitted compaction output may belong to a compaction still running (slower than the
+    grace period): its commit would land after the files are gone and hide the files it
+    replaced. So the output is first **claimed**: one commit per table that names those
+    files as both added and removed. Landing before the late commit, it makes that commit not
+    count (lake spec §4) and hides the files itself; landing after it, it does not count and
+    the files stay, now committed. Only files that no counting commit shows are deleted.
+    """
+    uncommitted = found.get("uncommitted", [])
+    doomed = [rel for kind, rels in found.items() if kind != "uncommitted" for rel in rels]
+    if uncommitted:
+        by_table: dict[str, list[str]] = defaultdict(list)
+        for rel in uncommitted:
+            by_table[rel.split("/", 2)[1]].append(posixpath.basename(rel))
+        for table, names in sorted(by_table.items()):
+            land_commit(storage, _commit_row(table, names, names))
+        _, added, removed = counting_commits(storage, cache)
+        doomed += [rel for rel in uncommitted if not is_visible(posixpath.basename(rel), added, removed)]
     cache.forget(doomed)
     return storage.delete_many(doomed)
+
+
+def purge(storage: Storage, cache: FileCache, cutoff_us: int) -> int:
+    """Delete the :func:`leftovers` older than ``cutoff_us``; returns how many files went."""
+    return remove_leftovers(storage, cache, leftovers(storage, cache, cutoff_us))
+
+
+def _commit_row(table: str, added: list[str], removed: list[str]) -> dict:
+    return {"commit_id": new_id(), "table_name": table, "added": added, "removed": removed, "created_at": CLOCK.now_us()}
 
 
 def _deletions(storage: Storage, cache: FileCache) -> pl.LazyFrame:
@@ -183,18 +214,12 @@ def compact_table(
             storage.publish(f"{folder}/{name}", data)
             added.append(name)
             size_out += len(data)
-        commit = {
-            "commit_id": [new_id()],
-            "table_name": [tdef.name],
-            "added": [added],
-            "removed": [[posixpath.basename(r) for r in rels]],
-            "created_at": [CLOCK.now_us()],
-        }
-        # The commit is published after every file it adds: a reader that lists the commits
-        # first (as all of ours do) finds each added file in its later listing of the data.
-        storage.publish(f"{S.COMMITS.dir}/{new_file_name()}", to_parquet_bytes(pa.Table.from_pydict(commit, schema=S.COMMITS.schema)))
+        # The commit lands after every file it adds: a reader that lists the commits first (as
+        # all of ours do) finds each added file in its later listing of the data.
+        land_commit(storage, _commit_row(tdef.name, added, [posixpath.basename(r) for r in rels]))
         # The replaced files are hidden now; their bytes stay until ``purge`` finds the commit
-        # older than the grace period, so a reader that listed them a moment ago can still read them.
+        # landed longer ago than the grace period, so a reader that listed them a moment ago
+        # can still read them.
         result.files_replaced += len(rels)
         result.files_written += len(added)
         result.bytes_before += size_in

@@ -216,10 +216,15 @@ class Storage:
         """Refresh a local file's modification time (used to mark an object as in use)."""
         os.utime(self.path(rel))
 
-    def publish(self, rel: str, data: bytes, overwrite: bool = False, exists_ok: bool = False) -> None:
+    def publish(
+        self, rel: str, data: bytes, overwrite: bool = False, exists_ok: bool = False, exclusive: bool = False
+    ) -> None:
         """Make ``data`` appear at ``rel`` whole or not at all, and durable once this returns.
 
         Durable means: surviving a crash of this process, or of the machine with ``fsync``.
+        ``exclusive`` makes it a put-if-absent that claims the name: ``FileExistsError`` when
+        the name is taken (another process claimed it first). A backend without conditional
+        writes cannot tell, and refuses with ``ValueError``.
         """
         target = self.path(rel)
         self.generation += 1
@@ -237,6 +242,11 @@ class Storage:
                 if not exists_ok:
                     raise
             except TypeError:
+                if exclusive:
+                    raise ValueError(
+                        f"{self.protocol}:// has no conditional writes (put-if-absent), which a compaction "
+                        "commit needs to claim its place in order (lake spec §4): compact on a local or S3 workspace"
+                    ) from None
                 # A backend without conditional writes: names are unique, so a plain put is safe.
                 self.fs.pipe_file(target, data)
             return
@@ -258,7 +268,8 @@ class Storage:
                 # by two processes at once stays the first one's, byte for byte.
                 os.link(tmp, target)
             except FileExistsError:
-                pass
+                if exclusive:
+                    raise
             finally:
                 os.unlink(tmp)
         if self.fsync:

@@ -10,7 +10,8 @@ stay on a consistent lake throughout, and an interrupted sync is finished by run
   has its object in the objects listing;
 - **copy order**: objects, then the data files table by table in the order the writers publish
   them (§6: runs, pipelines, artifacts, chains, predictions, arrays, logs, deletions), then the
-  commits last, so no commit arrives before the files it adds and no record before its parent;
+  commits last, so no commit arrives before the files it adds and no record before its parent
+  (a commit the target lacks, by ``commit_id``, lands there under the target's next number);
 - each file is written with the target's ``Storage.publish`` (staging + link locally, one PUT on
   an object store): a file is on the target whole or not at all.
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
@@ -34,7 +35,7 @@ from .journal import JOURNAL_DIR
 from .journal import SUFFIX as JOURNAL_SUFFIX
 from .schema import COMMITS
 from .storage import Storage
-from .tables import is_schema_file
+from .tables import commits_that_count, conform, is_schema_file, land_commit, landing_order
 from .writer import FLUSH_ORDER
 
 # Tables in the order a publication writes them (lake spec §6): parents before children,
@@ -156,13 +157,15 @@ def sync(
         result.conflicts = found.conflicts
         result.vanished = []
         plan = found.files
-        if found.commits and _diverging(src, dst, found.source_commits, found.target_commits):
-            result.held_back = found.commits
+        commits = found.commits
+        if commits and _diverging(found.target_commits, commits, found.source_commits):
+            result.held_back = list(dict.fromkeys(row["rel"] for row in commits))
+            commits = []
         else:
             result.held_back = []
-            plan += found.commits  # last: a commit never arrives before the files it adds (lake spec §4)
+        total = len(plan) + len(commits)
         if progress is not None:
-            progress(0, len(plan), result.bytes_copied)
+            progress(0, total, result.bytes_copied)
         for done, rel in enumerate(plan, 1):
             try:
                 data = src.read_bytes(rel)
@@ -174,7 +177,16 @@ def sync(
             result.files_copied += 1
             result.bytes_copied += len(data)
             if progress is not None:
-                progress(done, len(plan), result.bytes_copied)
+                progress(done, total, result.bytes_copied)
+        # Last: a commit never arrives before the files it adds. Each lands on the target
+        # under the target's next number (lake spec §4): it lands there now, after the
+        # target's own commits, whatever its number was on the source.
+        for done, row in enumerate(commits, len(plan) + 1):
+            landed = land_commit(dst, {name: row[name] for name in COMMITS.schema.names})
+            result.files_copied += 1
+            result.bytes_copied += dst.size(landed)
+            if progress is not None:
+                progress(done, total, result.bytes_copied)
         if not result.vanished:
             break
     result.files_skipped = len(skipped - copied)
@@ -206,11 +218,11 @@ def _check_locations(src: Storage, dst: Storage, source: str, target: str) -> No
 @dataclass
 class _Plan:
     files: list[str]  # objects and data files to copy, in copy order
-    commits: list[str]  # commits to copy, after the files
+    commits: list[dict]  # source commits the target lacks (by commit_id), in landing order, after the files
     present: set[str]  # already on the target
     conflicts: list[str]  # on the target with another size
-    source_commits: list[str]
-    target_commits: list[str]
+    source_commits: list[dict]
+    target_commits: list[dict]
 
 
 def _plan(src: Storage, dst: Storage) -> _Plan:
@@ -218,12 +230,18 @@ def _plan(src: Storage, dst: Storage) -> _Plan:
 
     The source is listed commits first, then data files, then objects (lake spec §4): a commit
     is published after the files it adds and an artifact record after its object, so whatever
-    this listing holds, it holds what it depends on.
+    this listing holds, it holds what it depends on. Commits are matched by ``commit_id``, not
+    by file name: each side numbers its commits in the order they landed there.
     """
-    commits = src.list_sizes(COMMITS.dir, ".parquet")
-    data = {rel: size for rel, size in src.list_sizes("tables", ".parquet").items() if _table(rel) != COMMITS.name}
+    source_commits = _read_commits(src, src.list_files(COMMITS.dir))
+    data = {
+        rel: size
+        for rel, size in src.list_sizes("tables", ".parquet").items()
+        if _table(rel) != COMMITS.name or is_schema_file(rel)  # the schema file holds no commit
+    }
     objects = src.list_sizes(OBJECTS_DIR)
     have = {**dst.list_sizes("tables", ".parquet"), **dst.list_sizes(OBJECTS_DIR)}
+    target_commits = _read_commits(dst, dst.list_files(COMMITS.dir))
 
     present: set[str] = set()
     conflicts: list[str] = []
@@ -242,52 +260,46 @@ def _plan(src: Storage, dst: Storage) -> _Plan:
         return out
 
     files = missing(objects, str) + missing(data, _copy_rank)
-    target_commits = sorted(rel for rel in have if _table(rel) == COMMITS.name)
-    return _Plan(files, missing(commits, str), present, conflicts, sorted(commits), target_commits)
+    on_target = {row["commit_id"] for row in target_commits}
+    commits = [row for row in source_commits if row["commit_id"] not in on_target]
+    present |= {row["rel"] for row in source_commits if row["commit_id"] in on_target}
+    return _Plan(files, commits, present, conflicts, source_commits, target_commits)
 
 
-def _diverging(src: Storage, dst: Storage, source_rels: list[str], target_rels: list[str]) -> bool:
-    """Would adding the source's commits to the target change which commits count on either side?
+def _diverging(target: list[dict], arriving: list[dict], source: list[dict]) -> bool:
+    """Would landing the ``arriving`` source commits after the ``target``'s change which
+    commits count on either side?
 
-    The target holding commits the source lacks means it was compacted on its own (or by
-    another source). Adding the source's commits is safe when every commit counts in the union
-    exactly as it counts on its own side: then each row of the lake is in one visible file.
-    Otherwise (both sides compacted the same files) a later compaction of the source could
-    hide a file the target never shows and add its rows a second time; the commits are held
-    back and the target keeps its own view.
+    Adding the source's commits is safe when every commit counts on the target, after they
+    landed there, exactly as it counts on its own side: then each row of the lake is in one
+    visible file. Otherwise (both sides compacted the same files) a later compaction of the
+    source could hide a file the target never shows and add its rows a second time; the
+    commits are held back and the target keeps its own view.
     """
-    if not set(target_rels) - set(source_rels):
-        return False  # the target's commits are the source's: it converges to the source's view
-    source = _read_commits(src, source_rels)
-    target = _read_commits(dst, target_rels)
-    union = {**target, **source}
-    counted, on_source, on_target = counting(union.items()), counting(source.items()), counting(target.items())
-    return any((c in counted) != (c in on_source) for c in source) or any(
-        (c in counted) != (c in on_target) for c in target
+    union = counting(target + arriving)
+    return any((row["commit_id"] in union) != counted for row, counted in zip(source, _verdicts(source))) or any(
+        (row["commit_id"] in union) != counted for row, counted in zip(target, _verdicts(target))
     )
 
 
-def _read_commits(storage: Storage, rels: list[str]) -> dict[str, frozenset[str]]:
-    """commit_id -> the file names it removes, for the commit files ``rels``."""
-    found: dict[str, frozenset[str]] = {}
+def _read_commits(storage: Storage, rels: list[str]) -> list[dict]:
+    """The commit rows of the commit files ``rels``, each with its file as ``rel``, in landing order."""
+    rows = []
     for rel in rels:
         with storage.open_arrow(rel) as fh:
-            table = pq.read_table(fh, columns=["commit_id", "removed"])
-        for commit_id, removed in zip(table.column("commit_id").to_pylist(), table.column("removed").to_pylist()):
-            found[commit_id] = frozenset(removed or ())
-    return found
+            table = pq.read_table(fh)
+        rows += [{**row, "rel": rel} for row in conform(table, COMMITS.schema).to_pylist()]
+    return sorted(rows, key=lambda row: landing_order(row["rel"], row["commit_id"]))
 
 
-def counting(commits: Iterable[tuple[str, frozenset[str]]]) -> set[str]:
-    """The ids of the commits that count among ``(commit_id, removed names)`` (lake spec §4, the
-    rule of ``tables.counting_commits``): not when an earlier commit already named a file it removes."""
-    named: set[str] = set()
-    counted: set[str] = set()
-    for commit_id, removed in sorted(commits):
-        if not removed & named:
-            counted.add(commit_id)
-        named |= removed
-    return counted
+def _verdicts(commits: list[dict]) -> list[bool]:
+    return commits_that_count((row["added"], row["removed"]) for row in commits)
+
+
+def counting(commits: list[dict]) -> set[str]:
+    """The ids of the commits that count among ``commits`` taken in this order (lake spec §4,
+    the rule of ``tables.counting_commits``)."""
+    return {row["commit_id"] for row, counted in zip(commits, _verdicts(commits)) if counted}
 
 
 def _table(rel: str) -> str:
@@ -299,6 +311,8 @@ def _copy_rank(rel: str) -> tuple[int, str]:
     name = _table(rel)
     if name in TABLE_ORDER:
         rank = TABLE_ORDER.index(name)
+    elif name == COMMITS.name:  # its schema file: the commits themselves land after everything
+        rank = len(TABLE_ORDER)
     else:
         rank = TABLE_ORDER.index("deletions") - 1
     return (2 * rank + (name not in TABLE_ORDER), rel)

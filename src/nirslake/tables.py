@@ -5,6 +5,7 @@ The rules implemented here are the ones written in docs/lake-spec.md; keep the t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -15,12 +16,13 @@ import urllib.parse
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .schema import COMMITS, FORMAT_VERSION, TableDef
+from .schema import COMMITS, FORMAT_VERSION, TABLES, TableDef
 from .storage import Storage, arrow_owned
 
 DATA_PREFIX = "part-"
@@ -167,8 +169,35 @@ def _fetch_rounds(rels: list[str], sizes: dict[str, int]) -> Iterable[list[str]]
         yield batch
 
 
+class CorruptFileError(OSError):
+    """A data file that exists but cannot be decoded (torn, truncated, not Parquet, wrong types).
+
+    Names the workspace-relative file: pyarrow's own errors name only ``<Buffer>`` or nothing.
+    """
+
+    def __init__(self, rel: str, cause: BaseException):
+        super().__init__(
+            f"data file {rel} cannot be read ({type(cause).__name__}: {cause}); "
+            "`nirslake check` lists every damaged file"
+        )
+        self.rel = rel
+
+
+@contextlib.contextmanager
+def _decoding(rel: str):
+    """Turn a failure to decode ``rel`` into a :class:`CorruptFileError` naming it; a file that
+    is gone stays a ``FileNotFoundError`` (a vacuum removed it: the caller lists again)."""
+    try:
+        yield
+    except (FileNotFoundError, CorruptFileError):
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CorruptFileError(rel, exc) from exc
+
+
 class FileCache:
-    """Decoded contents of data files, keyed by path. Files never change, so entries never go stale."""
+    """Decoded contents of data files, keyed by path. Files never change, so entries never go
+    stale; those of files a compaction replaced are dropped by the next snapshot."""
 
     def __init__(self) -> None:
         self._tables: dict[str, pa.Table] = {}
@@ -176,6 +205,7 @@ class FileCache:
         self._positions: dict[str, dict[str, list[int]]] = {}
         self._ranges: dict[str, list[tuple]] = {}
         self.commit_memo: tuple = (None, None)  # (commit file names, their commit state)
+        self._swept_for: tuple[str, ...] | None = None  # the commit files forget_replaced last ran for
         self._lock = threading.Lock()
 
     def read(self, storage: Storage, rel: str, schema: pa.Schema) -> pa.Table:
@@ -183,7 +213,7 @@ class FileCache:
             hit = self._tables.get(rel)
         if hit is not None:
             return hit
-        with storage.open_arrow(rel) as fh:
+        with _decoding(rel), storage.open_arrow(rel) as fh:
             table = conform(pq.read_table(fh), schema)
         with self._lock:
             self._tables[rel] = table
@@ -203,7 +233,7 @@ class FileCache:
                 for batch in _fetch_rounds(missing, sizes or {}):
                     fetched = storage.read_many(batch)
                     for rel in batch:
-                        with pa.BufferReader(arrow_owned(fetched.pop(rel))) as fh:
+                        with _decoding(rel), pa.BufferReader(arrow_owned(fetched.pop(rel))) as fh:
                             table = conform(pq.read_table(fh), schema)
                         with self._lock:
                             self._tables[rel] = table
@@ -246,11 +276,23 @@ class FileCache:
         with self._lock:
             hit = self._footers.get(rel)
         if hit is None:
-            with storage.open_arrow(rel) as fh:
+            with _decoding(rel), storage.open_arrow(rel) as fh:
                 hit = pq.ParquetFile(fh).metadata
             with self._lock:
                 self._footers[rel] = hit
         return hit
+
+    def forget_replaced(self, commit_rels: tuple[str, ...], removed: set[str]) -> None:
+        """Forget the files the counting commits hid (``removed``): no later snapshot reads them
+        (a reader still holding an older one reads them again from storage, where they stay
+        for the grace period). Only a new commit hides files, so this sweeps the cache once
+        per new set of commits, not on every read."""
+        if self._swept_for == commit_rels:
+            return
+        with self._lock:
+            cached = {*self._tables, *self._footers}
+        self.forget(rel for rel in cached if posixpath.basename(rel) in removed)
+        self._swept_for = commit_rels
 
     def forget(self, rels: Iterable[str]) -> None:
         with self._lock:
@@ -261,31 +303,99 @@ class FileCache:
                 self._ranges.pop(rel, None)
 
 
-def counting_commits(storage: Storage, cache: FileCache, commit_rels: list[str] | None = None) -> tuple:
-    """The compaction commits that count, in commit order, with the names they add and remove.
+COMMIT_PREFIX = "commit-"
 
-    Returns (commits, added, removed): commits as (created µs, added names, removed names). A
-    commit counts unless an earlier one (by ``commit_id``) already replaced one of the same files:
-    of two compactions racing over the same files, the first wins (lake spec §4).
+
+def commit_file(sequence: int) -> str:
+    """The commit file that holds commit number ``sequence`` (lake spec §4): the name is the claim."""
+    return f"{COMMITS.dir}/{COMMIT_PREFIX}{sequence:020d}.parquet"
+
+
+def commit_sequence(name: str) -> int | None:
+    """The landing number in a commit file's name; None for commits written before numbering."""
+    if not (name.startswith(COMMIT_PREFIX) and name.endswith(".parquet")):
+        return None
+    digits = name[len(COMMIT_PREFIX) : -len(".parquet")]
+    return int(digits) if digits.isdigit() else None
+
+
+def land_commit(storage: Storage, row: dict) -> str:
+    """Publish one commit row under the next free number; returns its file.
+
+    Each number is claimed with a put-if-absent (a local hard link, an S3 ``If-None-Match: *``
+    PUT), so commits are ordered by when they land, whatever the committers' clocks say: a
+    committer that loses a number to another re-lists and takes the next one (as Delta's log does).
+    """
+    data = to_parquet_bytes(pa.Table.from_pydict({k: [v] for k, v in row.items()}, schema=COMMITS.schema))
+    sequence = 0
+    while True:
+        taken = [commit_sequence(posixpath.basename(rel)) for rel in storage.list_files(COMMITS.dir)]
+        sequence = max([sequence, *(n for n in taken if n is not None)]) + 1  # past any name we lost
+        rel = commit_file(sequence)
+        try:
+            storage.publish(rel, data, exclusive=True)
+            return rel
+        except FileExistsError:
+            continue
+
+
+class Commit(NamedTuple):
+    """One compaction commit: its file, when its writer made it (µs), and the names it adds and removes."""
+
+    rel: str
+    created_us: int
+    added: list[str]
+    removed: set[str]
+
+
+def landing_order(rel: str, commit_id: str) -> tuple[int, str]:
+    """Commits in the order they landed: by the number in their file name; commits written
+    before numbering (no number) first, among themselves by ``commit_id`` (lake spec §4)."""
+    sequence = commit_sequence(posixpath.basename(rel))
+    return (-1 if sequence is None else sequence, commit_id or "")
+
+
+def commits_that_count(commits: Iterable[tuple[list[str] | None, list[str] | None]]) -> list[bool]:
+    """For (added, removed) names of commits in landing order, whether each one counts (lake
+    spec §4): not when an earlier one, counted or not, already removed a file it removes or
+    already named a file it adds."""
+    removed_before: set[str] = set()
+    named_before: set[str] = set()
+    verdicts = []
+    for new_files, old_files in commits:
+        new_files, old_files = new_files or (), set(old_files or ())
+        verdicts.append(not (old_files & removed_before) and named_before.isdisjoint(new_files))
+        removed_before |= old_files
+        named_before |= old_files
+        named_before.update(new_files)
+    return verdicts
+
+
+def counting_commits(storage: Storage, cache: FileCache, commit_rels: list[str] | None = None) -> tuple:
+    """The compaction commits that count, in landing order, with the names they add and remove.
+
+    Returns (commits, added, removed): commits as :class:`Commit`, counted by
+    :func:`commits_that_count`: of two compactions racing over the same files the first to
+    land wins, and output a purge claimed before its compaction committed never shows.
     """
     if commit_rels is None:
         commit_rels = storage.list_files(COMMITS.dir)
     memo_key = tuple(commit_rels)
     if cache.commit_memo[0] == memo_key:
         return cache.commit_memo[1]
-    table = read_files(storage, COMMITS, cache, commit_rels).sort_by("commit_id")
-    counted = []
-    added: set[str] = set()
-    removed: set[str] = set()
-    named_before: set[str] = set()  # files any earlier commit replaced, counted or not (as in SQL)
-    stamps = table.column("created_at").cast(pa.int64()).to_pylist()
-    for stamp, new_files, old_files in zip(stamps, table.column("added").to_pylist(), table.column("removed").to_pylist()):
-        old_files = set(old_files or ())
-        if not (old_files & named_before):
-            counted.append((stamp or 0, list(new_files or ()), old_files))
-            added.update(new_files or ())
-            removed |= old_files
-        named_before |= old_files
+    rows = []
+    for rel, table in zip(commit_rels, cache.read_many(storage, commit_rels, COMMITS.schema)):
+        stamps = table.column("created_at").cast(pa.int64()).to_pylist()
+        columns = (table.column("commit_id").to_pylist(), stamps, table.column("added").to_pylist(), table.column("removed").to_pylist())
+        rows += [(landing_order(rel, commit_id), rel, stamp, new, old) for commit_id, stamp, new, old in zip(*columns)]
+    rows.sort(key=lambda row: row[0])
+    counted = [
+        Commit(rel, stamp or 0, list(new or ()), set(old or ()))
+        for (_, rel, stamp, new, old), counts in zip(rows, commits_that_count((new, old) for *_, new, old in rows))
+        if counts
+    ]
+    added = {name for c in counted for name in c.added}
+    removed = {name for c in counted for name in c.removed}
     cache.commit_memo = (memo_key, (counted, added, removed))
     return counted, added, removed
 
@@ -298,7 +408,7 @@ def commit_state(storage: Storage, cache: FileCache, commit_rels: list[str] | No
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The visible files of every table at one moment, from a single listing of ``tables/``."""
+    """The visible files of every table at one moment, from one listing of each table."""
 
     files: dict[str, list[str]]
 
@@ -310,25 +420,32 @@ class Snapshot:
         return [r for r in rels if r.startswith(prefix)]
 
 
+# The order a snapshot lists the tables in (lake spec §4): children before their parents, the
+# reverse of the order writers publish them (writer.FLUSH_ORDER), so every child listed has its
+# parent, published before it, in the later listing of the parent; the deletions last, so a
+# snapshot that holds a row of a deleted entity also holds its deletion.
+LISTING_ORDER = ("logs", "prediction_arrays", "predictions", "chains", "artifacts", "pipelines", "runs")
+
+
 def take_snapshot(storage: Storage, cache: FileCache, tables: tuple[str, ...] | None = None) -> Snapshot:
-    """List the lake once: every table, or only ``tables`` (plus the commits, always needed).
+    """List the lake: every table, or only ``tables`` (plus the commits, always needed).
 
     The commits are listed **before** any data file (lake spec §4): a commit is published only
     after the files it adds, so every commit this listing sees has its files in the listing too.
+    The data tables follow in ``LISTING_ORDER``, the deletions last. The cached contents of
+    files a compaction replaced are dropped, so a long-lived reader holds only what it can read.
     """
     commit_rels = storage.list_files(COMMITS.dir)
-    if tables is None:
-        rels = [r for r in storage.list_files("tables") if r.split("/", 2)[1] != COMMITS.name]
-    else:
-        rels = [rel for name in sorted(set(tables) - {COMMITS.name}) for rel in storage.list_files(f"tables/{name}")]
-    grouped: dict[str, list[str]] = {COMMITS.name: commit_rels}
-    for rel in rels:
-        grouped.setdefault(rel.split("/", 2)[1], []).append(rel)
+    names = set(TABLES if tables is None else tables) - {COMMITS.name}
+    ordered = [name for name in LISTING_ORDER if name in names] + sorted(names - {*LISTING_ORDER, "deletions"})
+    ordered += ["deletions"] if "deletions" in names else []
+    files: dict[str, list[str]] = {COMMITS.name: commit_rels}
+    listed = {name: storage.list_files(f"tables/{name}") for name in ordered}
     added, removed = commit_state(storage, cache, commit_rels)
-    files = {
-        name: rels if name == COMMITS.name else [r for r in rels if is_visible(posixpath.basename(r), added, removed)]
-        for name, rels in grouped.items()
-    }
+    for name, rels in listed.items():
+        if rels:
+            files[name] = [r for r in rels if is_visible(posixpath.basename(r), added, removed)]
+    cache.forget_replaced(tuple(commit_rels), removed)
     return Snapshot(files)
 
 
@@ -360,9 +477,9 @@ def lookup(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str], 
         meta = cache.metadata(storage, rel)
         groups = [g for g, (low, high) in enumerate(cache.key_ranges(storage, rel, tdef.key)) if any(low <= k <= high for k in keys)]
         if groups:
-            with storage.open_arrow(rel) as fh:
+            with _decoding(rel), storage.open_arrow(rel) as fh:
                 part = pq.ParquetFile(fh, metadata=meta).read_row_groups(groups)  # footer parsed once
-            found.append(conform(part.filter(pc.is_in(part.column(tdef.key), pa.array(sorted(keys)))), tdef.schema))
+                found.append(conform(part.filter(pc.is_in(part.column(tdef.key), pa.array(sorted(keys)))), tdef.schema))
     return pa.concat_tables(found) if found else tdef.schema.empty_table()
 
 
