@@ -44,18 +44,22 @@ def view_statements(storage: Storage) -> str:
     return "\n".join(parts)
 
 
-def httpfs_load_statement() -> str:
-    """``LOAD`` of DuckDB's httpfs extension: from the ``duckdb-extension-httpfs`` package of the
-    same DuckDB version when installed (offline), else DuckDB's own ``INSTALL``/``LOAD``."""
+def packaged_httpfs() -> Path | None:
+    """DuckDB's httpfs extension from the ``duckdb-extension-httpfs`` package of the same DuckDB
+    version (the ``s3`` extra installs it; loading it needs no network), or None."""
     try:
         import duckdb_extension_httpfs
     except ImportError:
-        return "INSTALL httpfs; LOAD httpfs;"
-    folder = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}"
-    found = folder / "httpfs.duckdb_extension"
-    if not found.exists():
-        return "INSTALL httpfs; LOAD httpfs;"
-    return f"LOAD '{_sql_text(str(found))}';"
+        return None
+    found = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}" / "httpfs.duckdb_extension"
+    return found if found.exists() else None
+
+
+def httpfs_load_statement() -> str:
+    """``LOAD`` of DuckDB's httpfs extension: the packaged one when installed, else DuckDB's own
+    ``INSTALL``/``LOAD``."""
+    found = packaged_httpfs()
+    return f"LOAD '{_sql_text(str(found))}';" if found else "INSTALL httpfs; LOAD httpfs;"
 
 
 def _sql_text(value: str) -> str:
@@ -108,10 +112,34 @@ def shell_init_sql(storage: Storage) -> str:
     return "\n".join(parts)
 
 
+# The storage options that ``s3_secret_statement`` carries over to DuckDB; with any other option
+# (anon, requester_pays, config_kwargs, ...) only fsspec knows how to reach the bucket.
+SECRET_OPTIONS = frozenset({"key", "secret", "token", "profile", "endpoint_url", "client_kwargs", "use_listings_cache",
+                            "skip_instance_cache"})
+SECRET_CLIENT_OPTIONS = frozenset({"endpoint_url", "region_name"})
+
+
+def reads_through_httpfs(storage: Storage) -> bool:
+    """True when DuckDB reads this workspace with its own S3 client (httpfs), as the shell does."""
+    options = storage.storage_options
+    return (
+        storage.protocol in ("s3", "s3a")
+        and packaged_httpfs() is not None
+        and set(options) <= SECRET_OPTIONS
+        and set(options.get("client_kwargs") or {}) <= SECRET_CLIENT_OPTIONS
+    )
+
+
 def create_views(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
-    if not storage.is_local:
-        # DuckDB reads remote workspaces through the same fsspec filesystem as the store.
-        con.register_filesystem(storage.query_fs())
+    """The lake's views on ``con``. A remote workspace is read by DuckDB's httpfs when it can reach
+    it (S3, the packaged extension, options a secret holds), else through the store's fsspec
+    filesystem, whose listings are never cached (lake spec §9)."""
+    if reads_through_httpfs(storage):
+        con.execute(httpfs_load_statement())
+        con.execute(s3_secret_statement(storage.storage_options))
+        con.execute("SET enable_http_metadata_cache = true")
+    elif not storage.is_local:
+        con.register_filesystem(storage.fs)
     con.execute(view_statements(storage))
 
 

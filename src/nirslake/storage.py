@@ -50,15 +50,6 @@ class Storage:
         # miss what this process itself changed (the store's listing lease checks it).
         self.generation = 0
 
-    def query_fs(self):
-        """A filesystem for one DuckDB connection: its own instance, with a listing cache that
-        lives only as long as the connection (one query), so DuckDB's many size/info calls per
-        file do not each become a request."""
-        if self.is_local:
-            return self.fs
-        options = {**self.storage_options, "use_listings_cache": True, "skip_instance_cache": True}
-        return fsspec.filesystem(self.protocol, **options)
-
     # -- paths ---------------------------------------------------------------
     def path(self, *parts: str) -> str:
         """The filesystem path of a workspace-relative location."""
@@ -204,6 +195,26 @@ class Storage:
             return bool(self.fs.ls(self.root))
         except (FileNotFoundError, NotADirectoryError):
             return False
+
+    def check_bucket(self) -> None:
+        """Raise ``ValueError`` naming the bucket when the workspace is on S3 and its bucket does
+        not exist: the commands that create a workspace say so before writing anything.
+
+        Only a HEAD of the bucket that answers 404 counts: a bucket this client may not HEAD
+        (403) or cannot reach is left for the operation itself to report.
+        """
+        if self.protocol not in ("s3", "s3a"):
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self.fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise ValueError(
+                f"the bucket {bucket!r} of {self.url()} does not exist: create it first "
+                f"(e.g. `aws s3 mb s3://{bucket}`), or check the bucket name and the endpoint (AWS_ENDPOINT_URL)"
+            ) from None
+        except Exception:
+            return
 
     def size(self, rel: str) -> int:
         """Size in bytes (a ``stat`` locally, a HEAD request on object stores)."""
