@@ -118,3 +118,17 @@ def test_push_and_demo_into_a_missing_bucket_exit_2_naming_the_bucket(s3_endpoin
         assert len(lines) == 1 and lines[0].startswith("nirslake: error: "), done.stderr
         assert f"the bucket {bucket!r} of s3://{bucket}/" in lines[0], lines[0]
         assert "does not exist: create it first" in lines[0], lines[0]
+
+
+def test_without_a_configured_region_duckdb_is_given_the_buckets_own(s3_workspace, monkeypatch, tmp_path):
+    """DuckDB's S3 client does not follow S3's redirect to a bucket's region as boto does: with no
+    region in the options, the environment or the AWS config, the secret carries the region S3
+    reports for the bucket, so ``store.sql`` reads where the store writes."""
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    with WorkspaceStore(s3_workspace) as store:
+        ids = create_pipeline(store)
+        record_prediction(store, ids)
+        assert "REGION 'us-east-1'" in catalog.shell_init_sql(store.storage)
+        assert store.sql("SELECT count(*) AS n FROM predictions")["n"][0] == 1

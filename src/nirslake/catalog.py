@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -66,10 +67,12 @@ def _sql_text(value: str) -> str:
     return value.replace("'", "''")
 
 
-def s3_secret_statement(storage_options: dict | None = None) -> str:
+def s3_secret_statement(storage_options: dict | None = None, bucket_region: Callable[[], str | None] | None = None) -> str:
     """``CREATE SECRET`` for DuckDB's httpfs from the usual places: ``storage_options`` (key,
     secret, token, endpoint_url or client_kwargs.endpoint_url), else the AWS environment
-    variables (``AWS_ENDPOINT_URL`` included) and profile, as boto resolves them."""
+    variables (``AWS_ENDPOINT_URL`` included) and profile, as boto resolves them. When none of
+    these sets a region, ``bucket_region()`` is asked for the bucket's own: unlike boto, DuckDB
+    does not follow S3's redirect to it."""
     opts = dict(storage_options or {})
     key, secret, token = opts.get("key"), opts.get("secret"), opts.get("token")
     region = (opts.get("client_kwargs") or {}).get("region_name") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
@@ -87,6 +90,8 @@ def s3_secret_statement(storage_options: dict | None = None) -> str:
             endpoint = endpoint or session.get_config_variable("endpoint_url")
         except ImportError:
             pass
+    if not region and bucket_region is not None:
+        region = bucket_region()
     fields = []
     if key:
         fields += [f"KEY_ID '{_sql_text(key)}'", f"SECRET '{_sql_text(secret or '')}'"]
@@ -105,7 +110,7 @@ def shell_init_sql(storage: Storage) -> str:
     a secret first, then the views (docs/remote.md shows it for people who start ``duckdb`` by hand)."""
     parts = []
     if storage.protocol in ("s3", "s3a"):
-        parts += [httpfs_load_statement(), s3_secret_statement(storage.storage_options)]
+        parts += [httpfs_load_statement(), s3_secret_statement(storage.storage_options, lambda: storage.bucket_region)]
     elif not storage.is_local:
         parts.append(httpfs_load_statement())
     parts.append(view_statements(storage))
@@ -136,7 +141,7 @@ def create_views(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
     filesystem, whose listings are never cached (lake spec §9)."""
     if reads_through_httpfs(storage):
         con.execute(httpfs_load_statement())
-        con.execute(s3_secret_statement(storage.storage_options))
+        con.execute(s3_secret_statement(storage.storage_options, lambda: storage.bucket_region))
         con.execute("SET enable_http_metadata_cache = true")
     elif not storage.is_local:
         con.register_filesystem(storage.fs)

@@ -5,6 +5,7 @@ A workspace is a local folder or any fsspec URL; nothing above this module knows
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import uuid
@@ -195,6 +196,18 @@ class Storage:
             return bool(self.fs.ls(self.root))
         except (FileNotFoundError, NotADirectoryError):
             return False
+
+    @functools.cached_property
+    def bucket_region(self) -> str | None:
+        """The region S3 reports for the workspace's bucket (``x-amz-bucket-region`` of a HEAD of
+        the bucket, asked once per instance), or None when it does not say or is not S3."""
+        if self.protocol not in ("s3", "s3a"):
+            return None
+        try:
+            reply = self.fs.call_s3("head_bucket", Bucket=self.root.split("/", 1)[0])
+        except Exception:  # not reachable or not allowed: the read itself will say why
+            return None
+        return reply.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
 
     def check_bucket(self) -> None:
         """Raise ``ValueError`` naming the bucket when the workspace is on S3 and its bucket does
