@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
+from . import schema as SCHEMA
 from .artifacts import OBJECTS_DIR
 from .journal import JOURNAL_DIR
 from .journal import SUFFIX as JOURNAL_SUFFIX
-from . import schema as SCHEMA
 from .schema import COMMITS
 from .storage import Storage
 from .tables import is_schema_file
@@ -203,8 +203,10 @@ def _records_without_bytes(store) -> list[str]:
     """``"<artifact_id> at <path>"`` of every artifact record the store shows (deletions applied)
     whose object is not in its ``objects/``; registered files outside the workspace are not the
     sync's to copy. Only the artifacts and deletions tables are read."""
-    objects = set(store.storage.list_sizes(OBJECTS_DIR))
+    # Records before objects: a writer of the target saves an object before its record, so
+    # every record read here has its object in the later listing.
     rows = store._frame(SCHEMA.ARTIFACTS).select("artifact_id", "path").sort("artifact_id").collect()
+    objects = set(store.storage.list_sizes(OBJECTS_DIR))
     return [
         f"{artifact_id} at {path}"
         for artifact_id, path in rows.iter_rows()
