@@ -138,13 +138,13 @@ def reads_through_httpfs(storage: Storage) -> bool:
 def create_views(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
     """The lake's views on ``con``. A remote workspace is read by DuckDB's httpfs when it can reach
     it (S3, the packaged extension, options a secret holds), else through the store's fsspec
-    filesystem, whose listings are never cached (lake spec §9)."""
+    filesystem (``Storage.query_fs``), whose cached listings never say a file is absent (lake spec §9)."""
     if reads_through_httpfs(storage):
         con.execute(httpfs_load_statement())
         con.execute(s3_secret_statement(storage.storage_options, lambda: storage.bucket_region))
         con.execute("SET enable_http_metadata_cache = true")
     elif not storage.is_local:
-        con.register_filesystem(storage.fs)
+        con.register_filesystem(storage.query_fs())
     con.execute(view_statements(storage))
 
 

@@ -51,6 +51,16 @@ class Storage:
         # miss what this process itself changed (the store's listing lease checks it).
         self.generation = 0
 
+    def query_fs(self):
+        """A filesystem for one DuckDB connection (where httpfs does not read the workspace): its
+        own instance, whose listings are kept for the connection, so DuckDB's many size/info
+        calls per file are not each a request, but never trusted to say that a file is absent:
+        another process may have published it after the listing, and a later glob returned it."""
+        if self.is_local:
+            return self.fs
+        options = {**self.storage_options, "use_listings_cache": True, "skip_instance_cache": True}
+        return _listings_never_deny(type(self.fs))(**options)
+
     # -- paths ---------------------------------------------------------------
     def path(self, *parts: str) -> str:
         """The filesystem path of a workspace-relative location."""
@@ -309,6 +319,25 @@ class Storage:
 
     def delete_many(self, rels: Iterable[str]) -> int:
         return sum(self.delete(r) for r in rels)
+
+
+@functools.cache
+def _listings_never_deny(fs_class: type) -> type:
+    """``fs_class`` whose cached listings answer only for the files they hold. fsspec answers
+    "no such file" for any file missing from its parent's cached listing, and s3fs never
+    replaces a listing it holds, so a file published after the first listing of its folder, and
+    returned by a later glob, failed to open (FileNotFoundError); here that question goes to
+    the store instead."""
+
+    class ListingsNeverDeny(fs_class):
+        def _ls_from_cache(self, path):
+            try:
+                return super()._ls_from_cache(path)
+            except FileNotFoundError:
+                return None
+
+    ListingsNeverDeny.__name__ = ListingsNeverDeny.__qualname__ = f"ListingsNeverDeny{fs_class.__name__}"
+    return ListingsNeverDeny
 
 
 def _remote_stamp_us(value) -> int:
