@@ -116,7 +116,11 @@ CASES = [
     Case("an empty `prediction_id`", lambda c: save(c, prediction_id=""), ValueError, "prediction_id must not be empty"),
     Case("a `prediction_id` already used in another dataset", lambda c: save(c, dataset_name="corn", prediction_id=c.pred), ValueError, "already belongs to dataset 'wheat'"),
     Case("`steps` that is a dict", lambda c: c.store.save_chain(c.pipe, {"0": "SNV"}, 0, "M", "", "kfold", {}, {}), TypeError, "steps must be a list of dicts, got dict"),
-    Case("`shared_artifacts` mapping a step to one id, not a list", lambda c: c.store.save_chain(c.pipe, [], 0, "M", "", "kfold", {}, {"0": c.artifact}), TypeError, "shared_artifacts must map step indices to lists"),
+    Case("`shared_artifacts` mapping a step to a number", lambda c: c.store.save_chain(c.pipe, [], 0, "M", "", "kfold", {}, {"0": 7}), TypeError, "shared_artifacts must map step indices to lists"),
+    Case("a fold artifact id that is not valid Unicode", lambda c: c.store.save_chain(c.pipe, [], 0, "M", "", "kfold", {"fold_0": "m\udcff"}, {}), ValueError, "fold_artifacts['fold_0'] is not valid Unicode text"),
+    Case("a step's artifact id that is not valid Unicode", lambda c: c.store.save_chain(c.pipe, [{"artifact_id": "m\udcff"}], 0, "M", "", "kfold", {}, {}), ValueError, "steps[0]['artifact_id'] is not valid Unicode text"),
+    Case("a registered artifact path that is not valid Unicode", lambda c: c.store.register_existing_artifact("f" * 64, "/models/m\udcff.pkl", "f" * 64, "M", "model", "pickle", 3), ValueError, "path is not valid Unicode text"),
+    Case("a score beyond a 64-bit float (`10**400`)", lambda c: save(c, val_score=10**400), ValueError, "val_score is out of range for a 64-bit float"),
     Case("a `query_predictions` filter that is a dict", lambda c: c.store.query_predictions(dataset_name={"$ne": ""}), TypeError, "dataset_name must be a string, got dict"),
     Case("a `query_predictions` `branch_id` that is a string", lambda c: c.store.query_predictions(branch_id="x"), TypeError, "branch_id must be an integer or None"),
     Case("a `query_predictions` `limit` that is a string", lambda c: c.store.query_predictions(limit="5"), TypeError, "limit must be a non-negative integer or None, got '5'"),
@@ -130,6 +134,7 @@ CASES = [
     Case("an error message that is not valid Unicode", lambda c: c.store.fail_run(c.run, "read \udcff failed"), ValueError, "error is not valid Unicode text"),
     Case("an unknown artifact format", lambda c: c.store.save_artifact([1.0], "M", "model", "yaml"), ValueError, "unknown artifact format 'yaml': use one of 'joblib', 'pickle', 'cloudpickle', 'npz'"),
     Case("an object array saved as `npz`", lambda c: c.store.save_artifact(np.array([print], dtype=object), "M", "model", "npz"), TypeError, "the 'npz' format refuses object arrays"),
+    Case("an `npz` key holding a NUL character", lambda c: c.store.save_artifact({"w\x00a": np.zeros(1)}, "M", "model", "npz"), ValueError, "the 'npz' format cannot store the key 'w\\x00a'"),
     Case("an artifact `operator_class` that is a dict", lambda c: c.store.save_artifact([1.0], {"class": "M"}, "model", "pickle"), TypeError, "operator_class must be a string, got dict"),
     # ---- per-sample arrays
     Case("`y_pred` shorter than `y_true`", lambda c: c.store.save_prediction_arrays(c.pred, [1, 2, 3], [1, 2]), ValueError, "mismatched lengths: y_true=3, y_pred=2"),
@@ -143,6 +148,7 @@ CASES = [
     Case("`y_true` that is a dict", lambda c: c.store.save_prediction_arrays(c.pred, {"a": 1.0}, [1.0]), TypeError, "y_true must be a numeric array-like, got dict"),
     Case("`y_true` with rows of different lengths", lambda c: c.store.save_prediction_arrays(c.pred, [[1, 2], [3]], [1, 2]), TypeError, "y_true must be a numeric array-like, got list"),
     Case("`y_true` that is one number", lambda c: c.store.save_prediction_arrays(c.pred, 1.0, 1.0), ValueError, "y_true must be 1-D"),
+    Case("`y_pred` that is a masked array", lambda c: c.store.save_prediction_arrays(c.pred, [1, 2], np.ma.masked_array([1.0, 2.0], mask=[0, 1])), TypeError, "y_pred is a masked array, whose mask would be lost: pass y_pred.filled(np.nan)"),
     Case("`sample_indices` that are not whole", lambda c: c.store.save_prediction_arrays(c.pred, [1, 2], [1, 2], sample_indices=[0.5, 1.5]), ValueError, "sample_indices must hold whole numbers that fit 64-bit integers, got 0.5"),
     # ---- oversized payloads
     Case(f"`y_true` of {MAX_ARRAY_VALUES + 1:,} values", lambda c: c.store.save_prediction_arrays(c.pred, big(MAX_ARRAY_VALUES + 1), big(MAX_ARRAY_VALUES + 1)), ValueError, f"y_true is too large: {MAX_ARRAY_VALUES + 1:,} values (the limit is {MAX_ARRAY_VALUES:,})"),

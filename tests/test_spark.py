@@ -304,3 +304,25 @@ def test_s3_workspaces_hand_spark_s3a_urls(s3_workspace):
     assert files[0].startswith(f"s3a://{bucket_path}/tables/predictions/dataset=a%20b%2F%C3%A9/part-")
     storage = Storage(s3_workspace)
     assert storage.exists(storage.relative(files[0].replace("s3a://", "s3://", 1)))
+
+
+def test_racing_datasets_and_orphan_arrays_read_as_the_store_reads(spark, tmp_path):
+    """Issue 9 scenarios 12 and 13 in Spark: one prediction_id saved under two datasets by racing
+    writers shows in both, read by dataset or not; arrays saved after another process deleted
+    their prediction stay hidden (lake spec §5.1, §5.4)."""
+    from test_api_safety import race_one_id_into_two_datasets, save_arrays_after_another_process_deleted
+
+    ws = str(tmp_path / "ws")
+    pid = race_one_id_into_two_datasets(ws)
+    orphan = save_arrays_after_another_process_deleted(ws)
+
+    def rows(table, dataset=None, column="val_score"):
+        frame = nspark.read_table(spark, ws, table, dataset_name=dataset)
+        return sorted((r["dataset_name"], r[column]) for r in frame.filter(frame.prediction_id == pid).collect())
+
+    assert rows("predictions") == [("corn", 0.9), ("wheat", 0.1)]
+    assert rows("predictions", "wheat") == [("wheat", 0.1)] and rows("predictions", "corn") == [("corn", 0.9)]
+    assert rows("prediction_arrays", column="y_pred") == [("corn", [0.9, 0.9]), ("wheat", [0.1, 0.1])]
+    assert rows("prediction_arrays", "wheat", column="y_pred") == [("wheat", [0.1, 0.1])]
+    arrays = nspark.read_table(spark, ws, "prediction_arrays")
+    assert arrays.filter(arrays.prediction_id == orphan).count() == 0

@@ -1,14 +1,17 @@
 -- The read rules of docs/lake-spec.md, as DuckDB macros every view builds on.
--- {lake} stands for the workspace's absolute path or URL, filled in when the catalog is
--- built, so the catalog opens from any working directory.
+-- The workspace's absolute path or URL is filled in when the catalog is built (lake spec §9),
+-- so the catalog opens from any working directory; it appears only inside string literals.
 
 -- Every file of one table, with each row's file name and position in its file (the
 -- tie-break of latest-wins); globs are evaluated at query time, so files that land after
--- the catalog was built show up without a rebuild.
+-- the catalog was built show up without a rebuild. The glob holds the location with its
+-- pattern characters escaped; a DuckDB glob cannot match a backslash, so there a `?` stands for
+-- it, and the filter on the exact location keeps only the workspace's own files.
 CREATE OR REPLACE MACRO lake_files(table_name) AS TABLE
 SELECT * EXCLUDE (filename, file_row_number), parse_filename(filename) AS _file, file_row_number AS _row
-FROM read_parquet('{lake}/tables/' || table_name || '/**/*.parquet',
-                  union_by_name = true, filename = true, file_row_number = true, hive_partitioning = false);
+FROM read_parquet('{lake_glob}/tables/' || table_name || '/**/*.parquet',
+                  union_by_name = true, filename = true, file_row_number = true, hive_partitioning = false)
+WHERE starts_with(filename, '{lake}/tables/');
 
 -- A compaction commit counts unless an earlier commit already replaced one of the same
 -- files: of two compactions racing over the same files, the first wins.

@@ -15,7 +15,13 @@ ARRAY_FIELDS = ("y_true", "y_pred", "y_proba", "sample_indices", "weights")
 
 def numeric(name: str, value: Any, dtype=np.float64) -> np.ndarray:
     """``value`` as an array of ``dtype``. Text, complex numbers, dates and other objects are
-    refused rather than cast (``"1.5"`` would silently become 1.5); integers must be whole."""
+    refused rather than cast (``"1.5"`` would silently become 1.5); integers must be whole.
+    Masked arrays are refused: their mask has no place in the lake and would be dropped."""
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a masked array, whose mask would be lost: pass {name}.filled(np.nan) "
+            "to keep the masked samples as NaN, or leave them out"
+        )
     try:
         arr = np.asarray(value)
         if arr.dtype.kind == "O":  # Python objects: numbers, or None for a missing float
@@ -102,27 +108,29 @@ def matrix_column(values: Sequence[np.ndarray | None]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(outer), inner, type=pa.list_(pa.list_(pa.float64())), mask=mask)
 
 
-def to_numpy(field: str, value: Any) -> np.ndarray | None:
+def to_numpy(field: str, value: Any, classes: int | None = None) -> np.ndarray | None:
     """One stored array back as numpy: float64, ``sample_indices`` int64, ``y_proba`` 2-D.
 
     ``value`` is a Python list or an Arrow list scalar (converted without a Python list).
+    ``classes`` (the stored ``y_proba_classes``) gives ``y_proba`` without samples its width.
     """
     if value is None or (isinstance(value, pa.Scalar) and not value.is_valid):
         return None
     if field == "y_proba":
-        return _matrix(value)
+        return _matrix(value, classes or 0)
     dtype = np.int64 if field == "sample_indices" else np.float64
     if isinstance(value, pa.ListScalar):
         return value.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     return np.asarray(value, dtype=dtype)
 
 
-def _matrix(rows: Any) -> np.ndarray:
-    """A ``list<list<double>>`` value back as a 2-D array, also when it has no rows."""
+def _matrix(rows: Any, classes: int) -> np.ndarray:
+    """A ``list<list<double>>`` value back as a 2-D array, also when it has no rows (then
+    ``classes`` wide: the inner lists that would say so are missing)."""
     if isinstance(rows, pa.ListScalar):
         rows = rows.as_py()
     if len(rows) == 0:
-        return np.empty((0, 0), dtype=np.float64)
+        return np.empty((0, classes), dtype=np.float64)
     return np.array([np.asarray(r, dtype=np.float64) for r in rows], dtype=np.float64).reshape(len(rows), -1)
 
 

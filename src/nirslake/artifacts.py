@@ -10,16 +10,21 @@ import hashlib
 import io
 import os
 import pickle
+import re
+import uuid
 import zipfile
-from typing import Any
+from typing import Any, Iterable
 
 import fsspec
 import numpy as np
 
-from .storage import Storage
+from .journal import unpublished_frames
+from .storage import STAGING_DIR, Storage
 
 OBJECTS_DIR = "objects"
 FORMATS = ("joblib", "pickle", "cloudpickle", "npz")
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # the id of a saved artifact: its hash, its object's name
+_NPY_MAGIC = b"\x93NUMPY"  # an array saved alone is .npy bytes; a dict is a zip of them
 
 
 class ArtifactIntegrityError(ValueError):
@@ -84,7 +89,11 @@ def _npz_bytes(obj: Any) -> bytes:
                 value = np.asarray(value)
             elif not isinstance(value, np.ndarray):
                 raise TypeError(f"the 'npz' format stores arrays and numbers only; {key!r} is a {type(value).__name__}")
-            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), _npy_bytes(repr(key), value))
+            member = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            if member.filename != f"{key}.npy":
+                # The zip format cuts a name at a NUL character: two such keys would load as one.
+                raise ValueError(f"the 'npz' format cannot store the key {key!r} as given (a zip member name cannot hold it); rename it")
+            zf.writestr(member, _npy_bytes(repr(key), value))
     return buf.getvalue()
 
 
@@ -101,14 +110,24 @@ def _npy_bytes(label: str, array: np.ndarray) -> bytes:
 
 
 def _npz_load(data: bytes) -> Any:
-    """The array, or the dict (numbers back as numpy scalars); never unpickles."""
+    """The array, or the dict (numbers back as numpy scalars); never unpickles.
+
+    The zip members are read here rather than through ``np.load``, whose lookup by name lets
+    the member of key ``w`` answer for key ``w.npy``: each member is key + ``.npy``, exactly one
+    suffix is stripped.
+    """
     try:
-        loaded = np.load(io.BytesIO(data), allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            return loaded
-        with loaded:
-            arrays = {name: loaded[name] for name in loaded.files}
-        return {name: a[()] if a.ndim == 0 else a for name, a in arrays.items()}
+        if data.startswith(_NPY_MAGIC):
+            return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+        loaded = {}
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            for member in zf.namelist():
+                if not member.endswith(".npy"):
+                    raise ValueError(f"'npz' artifact member {member!r} is not a .npy array; it was not loaded")
+                with zf.open(member) as fh:
+                    array = np.lib.format.read_array(fh, allow_pickle=False)
+                loaded[member[: -len(".npy")]] = array[()] if array.ndim == 0 else array
+        return loaded
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise ValueError(f"refused to load an 'npz' artifact holding object arrays (they need pickle): {exc}") from None
@@ -136,6 +155,65 @@ def put_object(storage: Storage, data: bytes) -> tuple[str, str]:
             pass  # new, or a concurrent gc removed it this instant: write the bytes (again)
     storage.publish(rel, data, overwrite=not storage.is_local)
     return digest, rel
+
+
+def refresh_objects(storage: Storage, artifact_ids: Iterable[str]) -> None:
+    """Give the local objects of ``artifact_ids`` a fresh modification time (lake spec §7).
+
+    A chain is buffered in memory until its durability point; until then no other process can
+    see that it holds these artifacts, and gc's grace period is what protects their objects.
+    Ids that name no local object (registered artifacts, an object already gone) are skipped.
+    """
+    for artifact_id in artifact_ids:
+        if _SHA256.fullmatch(artifact_id):
+            try:
+                storage.touch(object_path(artifact_id))
+            except FileNotFoundError:
+                pass
+
+
+def remove_object(storage: Storage, rel: str, cutoff_us: int) -> bool:
+    """Remove the object at ``rel`` unless it was saved again at or after ``cutoff_us``; False
+    when it is kept for that reason (True also when it was gone already).
+
+    On a local workspace the object is first moved aside, where nothing reads it, and its
+    modification time is checked there: a writer's refresh before the move shows in it (the
+    object is moved back), and one after the move finds no object and writes the bytes anew
+    (:func:`put_object`). No moment remains in which a writer's refresh could be lost. Object
+    stores have no atomic move: there a PUT between the check and the DELETE is lost (§7).
+    """
+    if not storage.is_local:
+        if (storage.modified_us(rel) or 0) >= cutoff_us:
+            return False
+        storage.delete(rel)
+        return True
+    aside = f"{STAGING_DIR}/gc-{uuid.uuid4().hex}.tmp"  # a crash leaves a staging leftover
+    try:
+        storage.move(rel, aside)
+    except FileNotFoundError:
+        return True  # another gc removed it; a writer that needs it writes it anew
+    if (storage.modified_us(aside) or 0) < cutoff_us:
+        storage.delete(aside)
+        return True
+    try:
+        storage.move(aside, rel, replace=False)
+    except FileExistsError:
+        storage.delete(aside)  # a writer wrote the same bytes anew meanwhile: keep those
+    return False
+
+
+def unpublished_references(storage: Storage) -> tuple[set[str], set[str]]:
+    """What writers made durable but have not published yet: the artifact ids their chains hold
+    and the paths their artifact records name. gc and ``check --repair`` keep both."""
+    held: set[str] = set()
+    paths: set[str] = set()
+    for table, records in unpublished_frames(storage):
+        if table == "chains":
+            for ids in records["artifact_ids"]:
+                held.update(ids or ())
+        elif table == "artifacts":
+            paths.update(records["path"])
+    return held, paths
 
 
 def is_external(path: str) -> bool:

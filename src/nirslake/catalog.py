@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 
 from .query import LOWER_IS_BETTER
 from .schema import FORMAT_VERSION
@@ -33,16 +35,29 @@ def sql_dir() -> Path:
 
 
 def view_statements(storage: Storage) -> str:
-    """The view SQL with the workspace location filled in."""
-    # Glob characters in the workspace path itself must match literally: [ * ? become [[] [*] [?].
-    literal = "".join(f"[{c}]" if c in "[*?" else c for c in storage.url())
-    lake = literal.replace("'", "''")
+    """The view SQL with the workspace location filled in (lake spec §9).
+
+    The location goes only into string literals (``'{lake}`` exactly, ``'{lake_glob}`` as a
+    DuckDB glob), quoted for SQL: a path holding a quote, a newline or ``--`` stays a path.
+    """
+    location = storage.url()
+    # DuckDB's globs take [ * ? as patterns, matched literally as [[] [*] [?]; they cannot
+    # match a backslash at all (not even escaped), so `?` stands for it and lake_files keeps
+    # only the files under the exact location.
+    glob = "".join(f"[{c}]" if c in "[*?" else "?" if c == "\\" else c for c in location)
+    literals = {"lake": _sql_text(location), "lake_glob": _sql_text(glob)}
     metrics = ", ".join(f"'{m}'" for m in sorted(LOWER_IS_BETTER))
     parts = []
     for path in sorted((sql_dir() / "views").glob("*.sql")):
         text = path.read_text(encoding="utf-8")
-        parts.append(text.replace("{lake}", lake).replace("{lower_is_better}", metrics))
+        if re.search(r"(?<!')\{lake", text):
+            raise ValueError(f"{path}: the workspace location may only start a string literal ('{{lake}}...')")
+        text = text.replace("{lower_is_better}", metrics)  # before the location, which may hold anything
+        parts.append(_PLACEHOLDER.sub(lambda m: "'" + literals[m.group(1)], text))
     return "\n".join(parts)
+
+
+_PLACEHOLDER = re.compile(r"'\{(lake|lake_glob)\}")
 
 
 def packaged_httpfs() -> Path | None:
@@ -169,6 +184,10 @@ def is_current(storage: Storage) -> bool:
         return False
 
 
+class CatalogError(ValueError):
+    """The catalog could not be built (a damaged data file, most often); the lake itself is untouched."""
+
+
 def build_catalog(storage: Storage) -> str:
     """(Re)build ``<workspace>/catalog.duckdb``; returns its path or URL."""
     with tempfile.TemporaryDirectory(prefix="nirslake-catalog-") as tmp:
@@ -177,12 +196,35 @@ def build_catalog(storage: Storage) -> str:
         try:
             create_views(con, storage)
             con.execute("CHECKPOINT")
+        except (duckdb.Error, OSError) as exc:
+            # DuckDB reads every data file's footer to bind the views: one damaged file stops it,
+            # and its error does not always say which.
+            damaged = _unreadable_footers(storage)
+            raise CatalogError(
+                f"could not build {CATALOG_FILE} of {storage.url()}: {exc}"
+                + (f" (damaged: {', '.join(damaged)})" if damaged else "")
+                + "; run `nirslake check` on the workspace to find every damaged file"
+            ) from exc
         finally:
             con.close()
         data = Path(db_path).read_bytes()
     storage.publish(CATALOG_FILE, data, overwrite=True)
     storage.publish(CATALOG_STAMP, json.dumps(_stamp(storage)).encode(), overwrite=True)
     return storage.url(CATALOG_FILE)
+
+
+def _unreadable_footers(storage: Storage) -> list[str]:
+    """The data files whose Parquet footer does not read, as DuckDB needs it to bind a view."""
+    found = []
+    for rel in storage.list_files("tables"):
+        try:
+            with storage.open_arrow(rel) as fh:
+                pq.read_metadata(fh)
+        except FileNotFoundError:
+            pass  # replaced by a compaction since the listing: gone, not damaged
+        except Exception:  # noqa: BLE001 - any other failure to read is what is looked for
+            found.append(rel)
+    return found
 
 
 def ensure_catalog(storage: Storage) -> None:

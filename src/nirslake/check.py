@@ -21,7 +21,7 @@ from . import artifacts as art
 from . import schema as S
 from .maintenance import leftovers
 from .storage import Storage
-from .tables import FileCache, take_snapshot
+from .tables import FileCache, Snapshot, take_snapshot
 
 
 @dataclass
@@ -56,20 +56,27 @@ class CheckReport:
 def check_workspace(
     storage: Storage,
     cache: FileCache,
-    frame: Callable[[S.TableDef], pl.DataFrame],
+    frame: Callable[[S.TableDef, Snapshot], pl.DataFrame],
     cutoff_us: int,
     repair: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> CheckReport:
     """Check every visible data file, every artifact and every parent link; see the module doc.
 
-    ``frame(tdef)`` returns a table's current rows (read rules applied); ``cutoff_us`` is the
-    end of the grace period: leftovers newer than that may still be in use and are kept.
+    ``frame(tdef, snap)`` returns a table's current rows (read rules applied) in the listing
+    ``snap``; ``cutoff_us`` is the end of the grace period: leftovers newer than that may still
+    be in use and are kept. Each file is read on its own: a damaged one is reported by name and
+    the check goes on with the rest.
     """
     say = progress or (lambda _msg: None)
     report = CheckReport()
-    snap = take_snapshot(storage, cache)
-    broken_tables: set[str] = set()
+    # What writers made durable but not yet published names objects too. Read before the
+    # lake's listing: a segment published in between is then seen in one or the other.
+    pending_held, pending_paths = art.unpublished_references(storage)
+    # One listing for every table: parents and children from different moments would show
+    # children whose parents "do not exist" while writers publish.
+    snap, listing_error = _snapshot(storage, cache)
+    damaged: set[str] = set()
     for name, rels in sorted(snap.files.items()):
         for rel in rels:
             report.files_checked += 1
@@ -77,21 +84,33 @@ def check_workspace(
                 with storage.open_arrow(rel) as fh:
                     pq.read_table(fh)  # every page decoded: a torn or corrupt file fails here
             except Exception as exc:  # noqa: BLE001 - any failure to read is the finding
-                report.problems.append(f"data file {rel} does not open: {type(exc).__name__}: {exc}")
-                broken_tables.add(name)
+                report.problems.append(f"data file {rel} does not open: {_one_line(exc)}")
+                damaged.add(rel)
     say(f"{report.files_checked} data files read")
-
+    broken_tables = {rel.split("/", 2)[1] for rel in damaged}
+    if listing_error is not None and not damaged:
+        report.problems.append(f"the compaction commits do not read: {_one_line(listing_error)}")
+    commits_sound = listing_error is None and S.COMMITS.name not in broken_tables
     tables: dict[str, pl.DataFrame] = {}
-    for tdef in (S.RUNS, S.PIPELINES, S.CHAINS, S.PREDICTIONS, S.ARTIFACTS):
-        if tdef.name in broken_tables:
-            continue  # already reported; its rows cannot be trusted for the links below
-        tables[tdef.name] = frame(tdef)
+    if commits_sound and S.DELETIONS.name not in broken_tables:
+        sound = Snapshot({name: [r for r in rels if r not in damaged] for name, rels in snap.files.items()})
+        for tdef in (S.RUNS, S.PIPELINES, S.CHAINS, S.PREDICTIONS, S.ARTIFACTS):
+            if tdef.name not in broken_tables:  # a damaged table's rows cannot be trusted for the links
+                tables[tdef.name] = frame(tdef, sound)
+    else:
+        # They decide which files and rows count: a link or artifact finding would be a guess.
+        report.problems.append(
+            "parent links and artifacts not checked: the damaged commits or deletions file decides which "
+            "rows count; restore it from a copy of the workspace and check again"
+        )
     _check_links(tables, report)
     referenced = _check_artifacts(storage, tables.get("artifacts"), report)
     say(f"{report.artifacts_checked} artifacts verified against their sha256")
 
-    found = leftovers(storage, cache, cutoff_us)
-    if "artifacts" not in broken_tables:
+    # Which files a compaction replaced is the commits' to say: without them, nothing is a leftover.
+    found = leftovers(storage, cache, cutoff_us) if commits_sound else {}
+    if "artifacts" in tables:
+        referenced |= pending_held | {posixpath.basename(path) for path in pending_paths}
         found["unreferenced objects"] = [
             rel
             for rel in storage.list_files(art.OBJECTS_DIR, suffix="")
@@ -101,12 +120,29 @@ def check_workspace(
     if repair:
         for kind, rels in found.items():
             for rel in rels:
-                # An object saved again since the listing (a writer re-using it) has a fresh mtime.
-                if kind == "unreferenced objects" and (storage.modified_us(rel) or 0) >= cutoff_us:
-                    continue
-                report.removed += storage.delete(rel)
+                if kind == "unreferenced objects":
+                    # An object saved again since the listing (a writer re-using it) is kept.
+                    report.removed += art.remove_object(storage, rel, cutoff_us)
+                else:
+                    report.removed += storage.delete(rel)
         cache.forget(rel for rels in found.values() for rel in rels)
     return report
+
+
+def _snapshot(storage: Storage, cache: FileCache) -> tuple[Snapshot, Exception | None]:
+    """The lake's listing; when the commits do not read, every file under ``tables/`` (so the
+    data-file pass still names the damaged ones) and the error."""
+    try:
+        return take_snapshot(storage, cache), None
+    except Exception as exc:  # noqa: BLE001 - reported; the files are read one by one next
+        files: dict[str, list[str]] = {}
+        for rel in storage.list_files("tables"):
+            files.setdefault(rel.split("/", 2)[1], []).append(rel)
+        return Snapshot(files), exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def _ids(frame: pl.DataFrame | None, column: str) -> set | None:
@@ -162,4 +198,6 @@ def _check_artifacts(storage: Storage, rows: pl.DataFrame | None, report: CheckR
             report.problems.append(f"artifact {row['artifact_id']}: its bytes are missing at {path}")
         except art.ArtifactIntegrityError as exc:
             report.problems.append(f"artifact {row['artifact_id']}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one unreadable object must not end the check
+            report.problems.append(f"artifact {row['artifact_id']}: its bytes at {path} do not read: {_one_line(exc)}")
     return referenced

@@ -9,6 +9,7 @@ import argparse
 import os
 import shlex
 import sys
+import warnings
 from typing import Sequence
 
 import polars as pl
@@ -238,13 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_warning(message: Warning | str, *_where: object, **_how: object) -> None:
+    print(f"nirslake: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        code = args.func(args)
-    except (CliError, ValueError) as exc:
-        print(f"nirslake: error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        # For a person: one line per warning (a command may open the store twice), no source line.
+        warnings.simplefilter("once")
+        warnings.showwarning = _print_warning
+        try:
+            code = args.func(args)
+        except (CliError, ValueError) as exc:
+            print(f"nirslake: error: {exc}", file=sys.stderr)
+            return 2
     return code or 0
 
 

@@ -158,3 +158,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def unpublished_frames(storage: Storage) -> Iterator[tuple[str, pa.Table | dict[str, list]]]:
+    """The durable, not yet published records of every writer's segments (gc and check count
+    what they reference). A segment published and deleted meanwhile is skipped: its records are
+    in the lake by then."""
+    if not storage.is_local:
+        return
+    for rel in storage.list_files(JOURNAL_DIR, suffix=SUFFIX):
+        try:
+            data = storage.read_bytes(rel)
+        except FileNotFoundError:
+            continue
+        yield from read_frames(data)

@@ -1,6 +1,7 @@
 """``WorkspaceStoreProtocol``: the store surface of SEED-API.md as a runtime-checkable Protocol.
 
-Other implementations (the nirs4all peer, test doubles) can be checked against it with ``isinstance``.
+Other implementations (the nirs4all peer, test doubles) can be checked against it with
+``isinstance`` or ``issubclass``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,22 @@ import numpy as np
 import polars as pl
 
 
+class _WithWorkspacePath(type(Protocol)):
+    """Adds the ``workspace_path`` property to the check of the protocol's methods. typing refuses
+    ``issubclass`` for a protocol with any member that is not a method, so the property is checked
+    here, for instances and classes alike, and the protocol body holds methods only."""
+
+    def __instancecheck__(cls, instance: Any) -> bool:
+        return super().__instancecheck__(instance) and hasattr(instance, "workspace_path")
+
+    def __subclasscheck__(cls, other: type) -> bool:
+        return super().__subclasscheck__(other) and hasattr(other, "workspace_path")
+
+
 @runtime_checkable
-class WorkspaceStoreProtocol(Protocol):
-    @property
-    def workspace_path(self) -> Path | str: ...
+class WorkspaceStoreProtocol(Protocol, metaclass=_WithWorkspacePath):
+    """Every method below, and a ``workspace_path`` property (the workspace: a ``Path`` for a
+    local folder, the URL otherwise)."""
 
     def close(self) -> None: ...
 

@@ -49,6 +49,18 @@ def _row_stamp(tdef: S.TableDef) -> pl.Expr:
     return column.dt.epoch("us") if stamp_column(tdef) == "created_at" else column
 
 
+def identity(tdef: S.TableDef) -> list[str]:
+    """The columns latest-wins groups by (lake spec §5.1): in a partitioned table a key is
+    identified within its partition, so a read pruned to some partitions resolves each row as an
+    unpruned read does, even when two writers raced to save one key under two datasets."""
+    return [tdef.partition_by, tdef.key] if tdef.partition_by else [tdef.key]
+
+
+def with_visible_prediction(arrays: pl.LazyFrame, predictions: pl.LazyFrame) -> pl.LazyFrame:
+    """The arrays whose prediction is visible (lake spec §5.4); both frames already resolved."""
+    return arrays.join(predictions.select(identity(S.PREDICTIONS)), on=identity(S.PREDICTIONS), how="semi")
+
+
 def resolve(frame: pl.LazyFrame, tdef: S.TableDef, deletions: pl.LazyFrame, keys_unique: bool = False) -> pl.LazyFrame:
     """Apply the read rules of the lake spec: latest version wins, deleted entities vanish.
 
@@ -57,7 +69,7 @@ def resolve(frame: pl.LazyFrame, tdef: S.TableDef, deletions: pl.LazyFrame, keys
     if tdef.version_column and not keys_unique:
         # A stable sort keeps file-name, then row order among equal stamps: the same tie-break
         # as the SQL views (lake spec §5.1).
-        frame = frame.sort(tdef.version_column, maintain_order=True).unique(subset=[tdef.key], keep="last")
+        frame = frame.sort(tdef.version_column, maintain_order=True).unique(subset=identity(tdef), keep="last")
     if "run_id" in tdef.schema.names:
         dead_runs = deletions.filter(pl.col("kind") == "run").select(pl.col("entity_id").alias("run_id"))
         frame = frame.join(dead_runs, on="run_id", how="anti")
@@ -145,7 +157,14 @@ def scan(
     if part is not ...:
         frame = frame.filter(pl.col("dataset_name") == dataset_name)
     deletions = _scan_files(storage, S.DELETIONS, visible_files(storage, S.DELETIONS, cache, state=state))
-    return resolve(frame, tdef, deletions)
+    frame = resolve(frame, tdef, deletions)
+    if tdef is S.PREDICTION_ARRAYS:
+        # Listed after the arrays: a prediction is always published before its arrays.
+        predictions = _scan_files(storage, S.PREDICTIONS, visible_files(storage, S.PREDICTIONS, cache, part, state))
+        if part is not ...:
+            predictions = predictions.filter(pl.col("dataset_name") == dataset_name)
+        frame = with_visible_prediction(frame, resolve(predictions, S.PREDICTIONS, deletions))
+    return frame
 
 
 # URL schemes polars reads natively; other fsspec filesystems are read through pyarrow.

@@ -151,6 +151,8 @@ PREDICTION_ARRAYS = TableDef(
             ("sample_indices", pa.list_(pa.int64())),
             ("weights", F64_LIST),
             ("_version", pa.int64()),
+            # y_proba's width, which its inner lists cannot give when there are no samples.
+            ("y_proba_classes", pa.int64()),
         ]
     ),
     version_column="_version",

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from . import schema as S
-from .query import _ENTITY_DELETIONS, stamp_column
+from .query import _ENTITY_DELETIONS, identity, stamp_column
 from .storage import Storage
 from .tables import FileCache, is_schema_file, take_snapshot
 
@@ -140,7 +140,13 @@ def read_table(
     if names is not None and tdef.partition_by:
         frame = frame.filter(frame[tdef.partition_by].isin(list(names)))
     deletions = _read(spark, S.DELETIONS, deletion_files) if tdef is not S.DELETIONS else None
-    return resolve(frame, tdef, deletions)
+    frame = resolve(frame, tdef, deletions)
+    if tdef is S.PREDICTION_ARRAYS:
+        # Arrays are visible only while their prediction is (§5.4); listed after the arrays.
+        keys = identity(S.PREDICTIONS)
+        predictions = read_table(spark, workspace, S.PREDICTIONS.name, storage_options, dataset_name)
+        frame = frame.join(predictions.select(*keys), on=keys, how="left_semi")
+    return frame
 
 
 def resolve(frame: DataFrame, tdef: S.TableDef, deletions: DataFrame | None) -> DataFrame:
@@ -157,11 +163,9 @@ def resolve(frame: DataFrame, tdef: S.TableDef, deletions: DataFrame | None) -> 
         order = [F.col(tdef.version_column).desc_nulls_last()]
         if _FILE in frame.columns:
             order += [F.col(_FILE).desc(), F.col(_ROW).desc()]
-        # A key stays in the dataset it was first saved under (spec §5.1), so partitioning the
-        # window by the dataset too changes no result, and lets Spark push a later filter on
-        # dataset_name below the window, into the Parquet scan (row groups skipped by min/max).
-        keys = [tdef.partition_by, tdef.key] if tdef.partition_by else [tdef.key]
-        latest = Window.partitionBy(*keys).orderBy(*order)
+        # A key is identified within its partition (spec §5.1), which also lets Spark push a
+        # later filter on dataset_name below the window, into the Parquet scan.
+        latest = Window.partitionBy(*identity(tdef)).orderBy(*order)
         frame = frame.withColumn(_RANK, F.row_number().over(latest)).filter(F.col(_RANK) == 1)
     frame = frame.select(*names)
     if deletions is None:

@@ -298,6 +298,19 @@ class Storage:
         if self.fsync:
             _fsync_dir(target_dir)
 
+    def move(self, rel: str, to_rel: str, replace: bool = True) -> None:
+        """Rename a local file atomically; ``replace=False`` keeps an existing target (FileExistsError)."""
+        if not self.is_local:
+            raise ValueError("atomic moves are made on local workspaces only")
+        self.generation += 1
+        target = self.path(to_rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if replace:
+            os.rename(self.path(rel), target)
+        else:
+            os.link(self.path(rel), target)  # link() never replaces: a writer's new copy stays
+            os.unlink(self.path(rel))
+
     def open_append(self, rel: str):
         """A local file opened for appending (the journal), its folder created when missing."""
         if not self.is_local:

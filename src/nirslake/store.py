@@ -14,24 +14,26 @@ import os
 import re
 import threading
 import time
+import warnings
 import weakref
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import __version__, catalog
 from . import artifacts as art
 from . import schema as S
 from .arrays import ARRAY_FIELDS, check_arrays, to_numpy
 from .journal import orphaned_segments
-from .query import Deleted, resolve, resolve_one, top_k
+from .query import _ENTITY_DELETIONS, Deleted, resolve, resolve_one, top_k
 from .storage import Storage
 from .tables import (
     CLOCK,
@@ -66,6 +68,11 @@ DEFAULT_GRACE_SECONDS = 3600.0
 MAX_NAME_CHARS = 65_536  # one name, class, label or id
 MAX_JSON_CHARS = 8 * 1024 * 1024  # one JSON field (config, scores, ...; ASCII, so also bytes) or free text (error, message)
 MAX_ARRAY_VALUES = 2**24  # one per-sample array (y_proba counts samples x classes): 128 MiB of float64
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+# polars counts rows in 32 bits: no frame holds more, so a larger limit, offset or n means the same.
+MAX_ROWS = 2**32 - 1
 
 _PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "branch_id", "pipeline_id", "run_id")
 
@@ -126,6 +133,8 @@ def _opt_float(name: str, value: Any) -> float | None:
         number = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number or None, got {value!r}") from None
+    except OverflowError:  # an integer beyond float64 (10**400): not an infinity, so not kept as one
+        raise ValueError(f"{name} is out of range for a 64-bit float: an integer of {len(str(abs(int(value))))} digits") from None
     return None if math.isnan(number) else number
 
 
@@ -150,7 +159,7 @@ def _count(name: str, value: Any, allow_none: bool = False) -> int | None:
         raise TypeError(f"{name} must be a non-negative integer{' or None' if allow_none else ''}, got {value!r}")
     if value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
+    return min(int(value), MAX_ROWS)
 
 
 def _fold_id(value: Any) -> str | None:
@@ -280,6 +289,12 @@ class WorkspaceStore:
         fsync: bool = False,
         listing_ttl_seconds: float = 0.0,
     ) -> None:
+        for name, value in (("grace_seconds", grace_seconds), ("flush_seconds", flush_seconds)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name, value in (("flush_bytes", flush_bytes), ("flush_rows", flush_rows)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         ttl = listing_ttl_seconds
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl < 0:
             raise ValueError(f"listing_ttl_seconds must be a finite number >= 0, got {ttl!r}")
@@ -307,7 +322,7 @@ class WorkspaceStore:
         self._known_runs: _Recent = _Recent(1_000)
         self._known_pipelines: _Recent = _Recent(10_000)
         self._known_chains: _Recent = _Recent(10_000)  # id -> pipeline_id
-        self._known_predictions: _Recent = _Recent(100_000)  # id -> (run_id, dataset_name)
+        self._known_predictions: _Recent = _Recent(100_000)  # id -> (run_id, dataset_name, created µs)
         self._known_artifacts: set[str] = set()
         self._closed = False
         self._init_workspace()
@@ -331,7 +346,12 @@ class WorkspaceStore:
             rel = schema_file(tdef)
             if not self._storage.exists(rel):
                 self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()), exists_ok=True)
-        catalog.ensure_catalog(self._storage)
+        try:
+            catalog.ensure_catalog(self._storage)
+        except catalog.CatalogError as exc:
+            # The store reads the lake, not the catalog: a damaged file must not lock everyone
+            # out, least of all `nirslake check`, which names it.
+            warnings.warn(f"{exc}. The store opens without a current catalog.", RuntimeWarning, stacklevel=3)
         # Records a crashed writer made durable but never published (lake spec §6).
         for segment in orphaned_segments(self._storage):
             publish_segment(self._storage, segment)
@@ -446,6 +466,7 @@ class WorkspaceStore:
                 if positions:
                     pieces.append(self._cache.read(self._storage, rel, tdef.schema).take(positions))
             rows = pa.concat_tables(pieces) if pieces else tdef.schema.empty_table()
+        _observe_stamps(rows, tdef, self._deleted[1], key)
         return resolve_one(rows, tdef, self._deleted[1])
 
     def _public(self, frame: pl.DataFrame) -> pl.DataFrame:
@@ -478,15 +499,16 @@ class WorkspaceStore:
         if owner != pipeline_id:
             raise ValueError(f"chain_id {chain_id!r} belongs to pipeline {owner!r}, not to pipeline_id {pipeline_id!r}")
 
-    def _prediction_owner(self, prediction_id: str) -> tuple[str, str] | None:
-        """(run_id, dataset_name) of a prediction; looked up without flushing, then remembered."""
+    def _prediction_owner(self, prediction_id: str) -> tuple[str, str, int] | None:
+        """(run_id, dataset_name, created µs) of a prediction; looked up without flushing, then remembered."""
         _text("prediction_id", prediction_id, allow_none=False)
         owner = self._known_predictions.get(prediction_id)
         if owner is None:
             row = self._row(S.PREDICTIONS, prediction_id, snap=self._snapshot(publish=False, tables=("predictions",)))
             if row is None:
                 return None
-            owner = self._known_predictions[prediction_id] = (row["run_id"], row["dataset_name"])
+            created = (row["created_at"] - _EPOCH) // timedelta(microseconds=1)
+            owner = self._known_predictions[prediction_id] = (row["run_id"], row["dataset_name"], created)
         return owner
 
     # ------------------------------------------------------------------ runs
@@ -672,8 +694,12 @@ class WorkspaceStore:
             held = set(fold_artifacts.values())
             for ids in shared_artifacts.values():
                 held.update(ids)
-            held.update(s.get("artifact_id") for s in steps if isinstance(s, dict))
+            for i, step in enumerate(steps):
+                if isinstance(step, dict) and step.get("artifact_id") is not None:
+                    held.add(_text(f"steps[{i}]['artifact_id']", str(step["artifact_id"])))
             held.discard(None)
+            if self._storage.is_local:
+                art.refresh_objects(self._storage, map(str, held))
             row = {
                 "chain_id": new_id(),
                 "pipeline_id": pipeline_id,
@@ -687,7 +713,7 @@ class WorkspaceStore:
                 "shared_artifacts": _json(shared_artifacts, "shared_artifacts"),
                 "branch_path": _json(branch_path, "branch_path"),
                 "source_index": _opt_int("source_index", source_index),
-                "artifact_ids": sorted(str(a) for a in held),
+                "artifact_ids": sorted(held),
                 "created_at": CLOCK.now_us(),
             }
             self._known_chains[row["chain_id"]] = pipeline_id
@@ -789,7 +815,7 @@ class WorkspaceStore:
                 "preprocessings": _text("preprocessings", preprocessings) or "",
                 "created_at": CLOCK.now_us(),
             }
-            self._known_predictions[pid] = (pipeline["run_id"], dataset_name)
+            self._known_predictions[pid] = (pipeline["run_id"], dataset_name, row["created_at"])
             self._buffer("predictions", row)
             return pid
 
@@ -806,6 +832,17 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             owner = self._prediction_owner(prediction_id)
+            # Arrays of a deleted prediction would never show (lake spec §5.4): a remembered owner
+            # that a deletion this store has read since may hide is looked up again (another
+            # process may have saved it anew). A deletion not read yet is left to the read rules.
+            deleted = self._deleted[1]
+            if (
+                owner is not None
+                and deleted is not None
+                and (owner[0] in deleted.runs or deleted.entities.get(("prediction", prediction_id), -1) >= owner[2])
+            ):
+                self._known_predictions.pop(prediction_id, None)
+                owner = self._prediction_owner(prediction_id)
             if owner is None:
                 self._publish()  # it may sit in this process's buffer
                 owner = self._prediction_owner(prediction_id)
@@ -842,7 +879,7 @@ class WorkspaceStore:
         stored = self._row(tdef, prediction_id, dataset_name=dataset_name, snap=snap)
         if stored is None:
             return {f: None for f in ARRAY_FIELDS}
-        return {f: to_numpy(f, stored[f]) for f in ARRAY_FIELDS}
+        return {f: to_numpy(f, stored[f], stored["y_proba_classes"]) for f in ARRAY_FIELDS}
 
     def _predictions(self, dataset_name: str | None = None) -> pl.LazyFrame:
         exact = dataset_name if (dataset_name is not None and "%" not in dataset_name) else None
@@ -899,15 +936,19 @@ class WorkspaceStore:
             frame = self._predictions(dataset_name)
         if exprs:
             frame = frame.filter(*exprs)
-        return top_k(frame, int(n), score=metric, by=group_by, ascending=ascending)
+        return top_k(frame, min(int(n), MAX_ROWS), score=metric, by=group_by, ascending=ascending)
 
     def delete_prediction(self, prediction_id: str) -> bool:
         """Delete one prediction and its arrays; False when it did not exist."""
         _text("prediction_id", prediction_id, allow_none=False)
         with self._lock:
             self._check_open()
-            if self._row(S.PREDICTIONS, prediction_id) is None:
+            snap = self._snapshot()
+            row = self._row(S.PREDICTIONS, prediction_id, snap=snap)
+            if row is None:
                 return False
+            # Read for its stamp only: arrays saved after the row must be deleted too (§5.3).
+            self._row(S.PREDICTION_ARRAYS, prediction_id, dataset_name=row["dataset_name"], snap=snap)
             self._delete("prediction", [prediction_id])
             self._known_predictions.pop(prediction_id, None)
             return True
@@ -966,7 +1007,7 @@ class WorkspaceStore:
             _text("artifact_id", artifact_id, allow_none=False)
             if artifact_id in self._known_artifacts or self._row(S.ARTIFACTS, artifact_id) is not None:
                 return artifact_id
-            path = os.fspath(path)
+            path = _text("path", os.fspath(path), allow_none=False)
             full = path if art.is_external(path) else self._storage.path(path)
             inside = full.split("://", 1)[-1].startswith(self._storage.root.rstrip("/") + "/")
             self._buffer(
@@ -1020,14 +1061,20 @@ class WorkspaceStore:
     def gc_artifacts(self) -> int:
         """Remove artifacts that no live chain (of a pipeline not failed, in a run not deleted) holds.
 
+        Chains durable in another writer's journal but not yet published hold theirs too.
         Artifacts recorded, or objects saved again, within ``grace_seconds`` are kept: another
-        writer may be about to reference them. Returns how many artifacts were removed; their
+        writer may be about to reference them (lake spec §7). Returns how many artifacts were removed; their
         bytes go once no kept artifact points at them.
         """
         with self._lock:
             self._check_open()
+            # Chains other writers made durable but have not published hold artifacts too
+            # (ours are published first). Read before the lake: a segment published meanwhile
+            # is then seen in one or the other.
+            self._publish()
+            held, _ = art.unpublished_references(self._storage)
             live_pipelines = self._frame(S.PIPELINES).filter(pl.col("status") != "failed").select("pipeline_id")
-            held = set(
+            held |= set(
                 self._frame(S.CHAINS)
                 .join(live_pipelines, on="pipeline_id", how="semi")
                 .select(pl.col("artifact_ids").explode())
@@ -1058,11 +1105,7 @@ class WorkspaceStore:
             kept_paths = set(artifacts.filter(~pl.col("artifact_id").is_in(list(doomed_ids)))["path"].to_list())
             revived = []
             for rel in {row["path"] for row in doomed} - kept_paths:
-                if not _is_object(rel):
-                    continue
-                if (self._storage.modified_us(rel) or 0) < cutoff:
-                    self._storage.delete(rel)
-                else:
+                if _is_object(rel) and not art.remove_object(self._storage, rel, cutoff):
                     # Saved again by another writer since we looked (its record is not published
                     # yet, and the deletion above hides records up to now): keep the bytes and
                     # record the artifact anew, so that writer's chain still finds it.
@@ -1244,7 +1287,7 @@ class WorkspaceStore:
             self._known_runs.pop(run_id, None)
             for pid in [p for p, row in self._known_pipelines.items() if row["run_id"] == run_id]:
                 del self._known_pipelines[pid]
-            for pid in [p for p, (owner, _) in self._known_predictions.items() if owner == run_id]:
+            for pid in [p for p, (owner, _, _) in self._known_predictions.items() if owner == run_id]:
                 del self._known_predictions[pid]
             if delete_artifacts:
                 self.gc_artifacts()
@@ -1278,8 +1321,12 @@ class WorkspaceStore:
         """
         from .maintenance import compact_all
 
-        if not isinstance(target_file_mb, (int, float)) or isinstance(target_file_mb, bool) or not target_file_mb > 0:
-            raise ValueError(f"target_file_mb must be a positive number, got {target_file_mb!r}")
+        if (
+            not isinstance(target_file_mb, (int, float))
+            or isinstance(target_file_mb, bool)
+            or not 0 < target_file_mb < math.inf
+        ):
+            raise ValueError(f"target_file_mb must be a positive number, and finite: got {target_file_mb!r}")
         with self._lock:
             self._check_open()
             self._publish()
@@ -1303,7 +1350,7 @@ class WorkspaceStore:
             return check_workspace(
                 self._storage,
                 self._cache,
-                lambda tdef: self._frame(tdef).collect(),
+                lambda tdef, snap: self._frame(tdef, snap=snap).collect(),
                 CLOCK.now_us() - self._grace_us,
                 repair=repair,
                 progress=progress,
@@ -1320,7 +1367,10 @@ class WorkspaceStore:
             self._publish()
             con = catalog.connect(self._storage)
             try:
-                return con.execute(query, params or []).pl()
+                result = con.execute(query, params or [])
+                if result is None:  # DuckDB's answer to text without a statement ("", a comment)
+                    raise ValueError(f"the query holds no SQL statement: {query!r}; pass one, e.g. 'SELECT * FROM runs'")
+                return result.pl()
             finally:
                 con.close()
 
@@ -1355,17 +1405,36 @@ class WorkspaceStore:
         return mean.ravel() if mean.shape[1] == 1 else mean
 
 
+def _observe_stamps(rows: pa.Table, tdef: S.TableDef, deleted: Deleted, key: str) -> None:
+    """Move this process's clock past every stamp of ``key`` it just read (rows and deletion),
+    so what it writes next about that key (a new version, a re-save, a deletion) is later than
+    all of it even when the writer of those rows had a clock ahead of ours (lake spec §5)."""
+    column = tdef.version_column or ("created_at" if "created_at" in rows.column_names else None)
+    if rows.num_rows and column is not None:
+        CLOCK.observe(pc.max(rows.column(column).cast(pa.int64())).as_py())
+    if tdef.name in _ENTITY_DELETIONS:
+        died = deleted.entities.get((_ENTITY_DELETIONS[tdef.name][0], key))
+        if died is not None:
+            CLOCK.observe(died)
+
+
 def _artifact_maps(fold_artifacts: Any, shared_artifacts: Any) -> tuple[dict, dict]:
-    """Check the chain's artifact maps: ``{"fold_0": id}`` and ``{"<step_idx>": [id, ...]}``."""
+    """Check the chain's artifact maps: ``{"fold_0": id}`` and ``{"<step_idx>": [id, ...]}``,
+    where a single id stands for a list of one (as the seed store accepts). Every id is text
+    Parquet can store: a chain's ids are also written raw, as its ``artifact_ids``."""
     if not isinstance(fold_artifacts or {}, dict) or not all(
         isinstance(v, str) or v is None for v in (fold_artifacts or {}).values()
     ):
         raise TypeError(f'fold_artifacts must map fold names to one artifact id each, like {{"fold_0": id}}; got {fold_artifacts!r}')
-    if not isinstance(shared_artifacts or {}, dict) or not all(
-        isinstance(v, (list, tuple)) and all(isinstance(i, str) for i in v) for v in (shared_artifacts or {}).values()
+    shared = shared_artifacts or {}
+    if isinstance(shared, dict):
+        shared = {str(k): [v] if isinstance(v, str) else v for k, v in shared.items()}
+    if not isinstance(shared, dict) or not all(
+        isinstance(v, (list, tuple)) and all(isinstance(i, str) for i in v) for v in shared.values()
     ):
         raise TypeError(f'shared_artifacts must map step indices to lists of artifact ids, like {{"0": [id]}}; got {shared_artifacts!r}')
-    return dict(fold_artifacts or {}), {str(k): list(v) for k, v in (shared_artifacts or {}).items()}
+    folds = {k: _text(f"fold_artifacts[{k!r}]", v) for k, v in (fold_artifacts or {}).items()}
+    return folds, {k: [_text(f"shared_artifacts[{k!r}]", i) for i in v] for k, v in shared.items()}
 
 
 def _is_object(path: str) -> bool:

@@ -44,6 +44,13 @@ class Clock:
             self._last = now if now > self._last else self._last + 1
             return self._last
 
+    def observe(self, stamp_us: int) -> None:
+        """Never stamp at or below ``stamp_us`` from now on: a row this process read and will
+        supersede or delete was stamped by another machine, whose clock may be ahead of ours."""
+        if stamp_us > self._last:  # the common case (an older stamp) takes no lock
+            with self._lock:
+                self._last = max(self._last, stamp_us)
+
 
 CLOCK = Clock()
 

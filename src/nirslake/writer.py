@@ -145,6 +145,7 @@ class LakeWriter:
             "sample_indices": list_column([r["sample_indices"] for r in rows], pa.int64()),
             "weights": list_column([r["weights"] for r in rows], pa.float64()),
             "_version": pa.array([r["_version"] for r in rows], pa.int64()),
+            "y_proba_classes": pa.array([None if r["y_proba"] is None else r["y_proba"].shape[1] for r in rows], pa.int64()),
         }
         return pa.Table.from_pydict(columns, schema=S.PREDICTION_ARRAYS.schema)
 
