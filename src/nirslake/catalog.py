@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 import uuid
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -59,28 +60,34 @@ def view_statements(storage: Storage) -> str:
 _PLACEHOLDER = re.compile(r"'\{(lake|lake_glob)\}")
 
 
-def httpfs_load_statement() -> str:
-    """``LOAD`` of DuckDB's httpfs extension: from the ``duckdb-extension-httpfs`` package of the
-    same DuckDB version when installed (offline), else DuckDB's own ``INSTALL``/``LOAD``."""
+def packaged_httpfs() -> Path | None:
+    """DuckDB's httpfs extension from the ``duckdb-extension-httpfs`` package of the same DuckDB
+    version (the ``s3`` extra installs it; loading it needs no network), or None."""
     try:
         import duckdb_extension_httpfs
     except ImportError:
-        return "INSTALL httpfs; LOAD httpfs;"
-    folder = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}"
-    found = folder / "httpfs.duckdb_extension"
-    if not found.exists():
-        return "INSTALL httpfs; LOAD httpfs;"
-    return f"LOAD '{_sql_text(str(found))}';"
+        return None
+    found = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}" / "httpfs.duckdb_extension"
+    return found if found.exists() else None
+
+
+def httpfs_load_statement() -> str:
+    """``LOAD`` of DuckDB's httpfs extension: the packaged one when installed, else DuckDB's own
+    ``INSTALL``/``LOAD``."""
+    found = packaged_httpfs()
+    return f"LOAD '{_sql_text(str(found))}';" if found else "INSTALL httpfs; LOAD httpfs;"
 
 
 def _sql_text(value: str) -> str:
     return value.replace("'", "''")
 
 
-def s3_secret_statement(storage_options: dict | None = None) -> str:
+def s3_secret_statement(storage_options: dict | None = None, bucket_region: Callable[[], str | None] | None = None) -> str:
     """``CREATE SECRET`` for DuckDB's httpfs from the usual places: ``storage_options`` (key,
     secret, token, endpoint_url or client_kwargs.endpoint_url), else the AWS environment
-    variables (``AWS_ENDPOINT_URL`` included) and profile, as boto resolves them."""
+    variables (``AWS_ENDPOINT_URL`` included) and profile, as boto resolves them. When none of
+    these sets a region, ``bucket_region()`` is asked for the bucket's own: unlike boto, DuckDB
+    does not follow S3's redirect to it."""
     opts = dict(storage_options or {})
     key, secret, token = opts.get("key"), opts.get("secret"), opts.get("token")
     region = (opts.get("client_kwargs") or {}).get("region_name") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
@@ -98,6 +105,8 @@ def s3_secret_statement(storage_options: dict | None = None) -> str:
             endpoint = endpoint or session.get_config_variable("endpoint_url")
         except ImportError:
             pass
+    if not region and bucket_region is not None:
+        region = bucket_region()
     fields = []
     if key:
         fields += [f"KEY_ID '{_sql_text(key)}'", f"SECRET '{_sql_text(secret or '')}'"]
@@ -116,16 +125,40 @@ def shell_init_sql(storage: Storage) -> str:
     a secret first, then the views (docs/remote.md shows it for people who start ``duckdb`` by hand)."""
     parts = []
     if storage.protocol in ("s3", "s3a"):
-        parts += [httpfs_load_statement(), s3_secret_statement(storage.storage_options)]
+        parts += [httpfs_load_statement(), s3_secret_statement(storage.storage_options, lambda: storage.bucket_region)]
     elif not storage.is_local:
         parts.append(httpfs_load_statement())
     parts.append(view_statements(storage))
     return "\n".join(parts)
 
 
+# The storage options that ``s3_secret_statement`` carries over to DuckDB; with any other option
+# (anon, requester_pays, config_kwargs, ...) only fsspec knows how to reach the bucket.
+SECRET_OPTIONS = frozenset({"key", "secret", "token", "profile", "endpoint_url", "client_kwargs", "use_listings_cache",
+                            "skip_instance_cache"})
+SECRET_CLIENT_OPTIONS = frozenset({"endpoint_url", "region_name"})
+
+
+def reads_through_httpfs(storage: Storage) -> bool:
+    """True when DuckDB reads this workspace with its own S3 client (httpfs), as the shell does."""
+    options = storage.storage_options
+    return (
+        storage.protocol in ("s3", "s3a")
+        and packaged_httpfs() is not None
+        and set(options) <= SECRET_OPTIONS
+        and set(options.get("client_kwargs") or {}) <= SECRET_CLIENT_OPTIONS
+    )
+
+
 def create_views(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
-    if not storage.is_local:
-        # DuckDB reads remote workspaces through the same fsspec filesystem as the store.
+    """The lake's views on ``con``. A remote workspace is read by DuckDB's httpfs when it can reach
+    it (S3, the packaged extension, options a secret holds), else through the store's fsspec
+    filesystem (``Storage.query_fs``), whose cached listings never say a file is absent (lake spec §9)."""
+    if reads_through_httpfs(storage):
+        con.execute(httpfs_load_statement())
+        con.execute(s3_secret_statement(storage.storage_options, lambda: storage.bucket_region))
+        con.execute("SET enable_http_metadata_cache = true")
+    elif not storage.is_local:
         con.register_filesystem(storage.query_fs())
     con.execute(view_statements(storage))
 

@@ -238,7 +238,9 @@ def run_demo(
 ) -> dict[str, Any]:
     """Sweep preprocessings x models over synthetic datasets, recording everything in `workspace`."""
     from nirslake import WorkspaceStore
+    from nirslake.storage import Storage
 
+    Storage(workspace).check_bucket()  # before the sweep's minutes of fitting, not after
     if quick:
         n_datasets, n_folds, n_samples = 2, 3, 60
         prep_labels, model_labels = QUICK_PREPROCESSINGS, QUICK_MODELS

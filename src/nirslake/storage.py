@@ -5,6 +5,7 @@ A workspace is a local folder or any fsspec URL; nothing above this module knows
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import uuid
@@ -51,13 +52,14 @@ class Storage:
         self.generation = 0
 
     def query_fs(self):
-        """A filesystem for one DuckDB connection: its own instance, with a listing cache that
-        lives only as long as the connection (one query), so DuckDB's many size/info calls per
-        file do not each become a request."""
+        """A filesystem for one DuckDB connection (where httpfs does not read the workspace): its
+        own instance, whose listings are kept for the connection, so DuckDB's many size/info
+        calls per file are not each a request, but never trusted to say that a file is absent:
+        another process may have published it after the listing, and a later glob returned it."""
         if self.is_local:
             return self.fs
         options = {**self.storage_options, "use_listings_cache": True, "skip_instance_cache": True}
-        return fsspec.filesystem(self.protocol, **options)
+        return _listings_never_deny(type(self.fs))(**options)
 
     # -- paths ---------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -205,6 +207,38 @@ class Storage:
         except (FileNotFoundError, NotADirectoryError):
             return False
 
+    @functools.cached_property
+    def bucket_region(self) -> str | None:
+        """The region S3 reports for the workspace's bucket (``x-amz-bucket-region`` of a HEAD of
+        the bucket, asked once per instance), or None when it does not say or is not S3."""
+        if self.protocol not in ("s3", "s3a"):
+            return None
+        try:
+            reply = self.fs.call_s3("head_bucket", Bucket=self.root.split("/", 1)[0])
+        except Exception:  # not reachable or not allowed: the read itself will say why
+            return None
+        return reply.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+
+    def check_bucket(self) -> None:
+        """Raise ``ValueError`` naming the bucket when the workspace is on S3 and its bucket does
+        not exist: the commands that create a workspace say so before writing anything.
+
+        Only a HEAD of the bucket that answers 404 counts: a bucket this client may not HEAD
+        (403) or cannot reach is left for the operation itself to report.
+        """
+        if self.protocol not in ("s3", "s3a"):
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self.fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise ValueError(
+                f"the bucket {bucket!r} of {self.url()} does not exist: create it first "
+                f"(e.g. `aws s3 mb s3://{bucket}`), or check the bucket name and the endpoint (AWS_ENDPOINT_URL)"
+            ) from None
+        except Exception:
+            return
+
     def size(self, rel: str) -> int:
         """Size in bytes (a ``stat`` locally, a HEAD request on object stores)."""
         if self.is_local:
@@ -309,6 +343,25 @@ class Storage:
 
     def delete_many(self, rels: Iterable[str]) -> int:
         return sum(self.delete(r) for r in rels)
+
+
+@functools.cache
+def _listings_never_deny(fs_class: type) -> type:
+    """``fs_class`` whose cached listings answer only for the files they hold. fsspec answers
+    "no such file" for any file missing from its parent's cached listing, and s3fs never
+    replaces a listing it holds, so a file published after the first listing of its folder, and
+    returned by a later glob, failed to open (FileNotFoundError); here that question goes to
+    the store instead."""
+
+    class ListingsNeverDeny(fs_class):
+        def _ls_from_cache(self, path):
+            try:
+                return super()._ls_from_cache(path)
+            except FileNotFoundError:
+                return None
+
+    ListingsNeverDeny.__name__ = ListingsNeverDeny.__qualname__ = f"ListingsNeverDeny{fs_class.__name__}"
+    return ListingsNeverDeny
 
 
 def _remote_stamp_us(value) -> int:

@@ -13,7 +13,10 @@ stay on a consistent lake throughout, and an interrupted sync is finished by run
   commits last, so no commit arrives before the files it adds and no record before its parent
   (a commit the target lacks, by ``commit_id``, lands there under the target's next number);
 - each file is written with the target's ``Storage.publish`` (staging + link locally, one PUT on
-  an object store): a file is on the target whole or not at all.
+  an object store): a file is on the target whole or not at all;
+- after each pass every artifact record the target shows must have its object there: a gc on
+  the source between the listings leaves a record whose deletion was not listed yet, which
+  another pass copies; a record still without bytes after the last pass makes the sync not ok.
 
 Nothing on the target is deleted or rewritten. The target's catalog is never copied: it is
 built for the target's own location at the end. When both sides compacted the same files on
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
+from . import schema as SCHEMA
 from .artifacts import OBJECTS_DIR
 from .journal import JOURNAL_DIR
 from .journal import SUFFIX as JOURNAL_SUFFIX
@@ -71,6 +75,10 @@ class SyncResult:
     held_back: list[str] = field(default_factory=list)
     # Files that vanished from the source during the last pass (a vacuum or gc there).
     vanished: list[str] = field(default_factory=list)
+    # "artifact_id at objects/..." of artifact records the target shows without their bytes after
+    # the last pass: the source's gc removed the object between the listings and its deletion
+    # record had not been listed yet (another pass copies it), or the source itself lacks them.
+    missing_bytes: list[str] = field(default_factory=list)
     # Journal segments left on a local source after its crashed writers were published: writers
     # still running (or of another host sharing the folder); their records are not copied.
     live_journals: int = 0
@@ -79,7 +87,7 @@ class SyncResult:
     @property
     def ok(self) -> bool:
         """True when the target now holds every file the source listed."""
-        return not self.conflicts and not self.vanished and not self.held_back
+        return not self.conflicts and not self.vanished and not self.held_back and not self.missing_bytes
 
     def summary(self, verb: str = "copied") -> str:
         """A few lines for people, e.g. ``pushed 120 files (3.4 MiB), 880 already there``."""
@@ -98,6 +106,12 @@ class SyncResult:
             lines.append(
                 f"warning: {len(self.vanished)} file(s) vanished from {self.source} while copying "
                 "(a vacuum or gc there); run the sync again"
+            )
+        if self.missing_bytes:
+            shown = ", ".join(self.missing_bytes[:5]) + (" ..." if len(self.missing_bytes) > 5 else "")
+            lines.append(
+                f"error: {len(self.missing_bytes)} artifact record(s) on {self.target} have no bytes there: {shown}; "
+                f"run `nirslake check` on {self.source} (a gc or vacuum there may still be running) and sync again"
             )
         if self.held_back:
             lines.append(
@@ -187,17 +201,34 @@ def sync(
             result.bytes_copied += dst.size(landed)
             if progress is not None:
                 progress(done, total, result.bytes_copied)
-        if not result.vanished:
+        # The catalog (and _meta) are made for the target's own location; opening a store builds
+        # them, adds any missing schema file, and publishes the target's own crashed writers.
+        with WorkspaceStore(target, storage_options=target_options, fsync=fsync) as store:
+            result.missing_bytes = _records_without_bytes(store)
+        if not result.vanished and not result.missing_bytes:
             break
     result.files_skipped = len(skipped - copied)
-
-    # The catalog (and _meta) are made for the target's own location; opening a store builds
-    # them, adds any missing schema file, and publishes the target's own crashed writers.
-    WorkspaceStore(target, storage_options=target_options, fsync=fsync).close()
     return result
 
 
+def _records_without_bytes(store) -> list[str]:
+    """``"<artifact_id> at <path>"`` of every artifact record the store shows (deletions applied)
+    whose object is not in its ``objects/``; registered files outside the workspace are not the
+    sync's to copy. Only the artifacts and deletions tables are read."""
+    # Records before objects: a writer of the target saves an object before its record, so
+    # every record read here has its object in the later listing.
+    rows = store._frame(SCHEMA.ARTIFACTS).select("artifact_id", "path").sort("artifact_id").collect()
+    objects = set(store.storage.list_sizes(OBJECTS_DIR))
+    return [
+        f"{artifact_id} at {path}"
+        for artifact_id, path in rows.iter_rows()
+        if path.startswith(OBJECTS_DIR + "/") and path not in objects
+    ]
+
+
 def _check_locations(src: Storage, dst: Storage, source: str, target: str) -> None:
+    src.check_bucket()
+    dst.check_bucket()
     if not src.exists("tables"):
         raise SyncError(
             f"no nirslake workspace at {source!r} (it has no tables/ folder): the source of a sync must be a workspace"
