@@ -161,7 +161,7 @@ def test_a_prediction_id_cannot_move_to_another_dataset(store):
 def test_chain_artifact_maps_are_checked(store):
     run, pipe = _pipeline(store)
     with pytest.raises(TypeError, match="shared_artifacts"):
-        store.save_chain(pipe, [], 0, "M", "", "kfold", {}, {"0": "abc"})
+        store.save_chain(pipe, [], 0, "M", "", "kfold", {}, {"0": 5})  # a single id is a list of one; a number is not
     with pytest.raises(TypeError, match="fold_artifacts"):
         store.save_chain(pipe, [], 0, "M", "", "kfold", {"fold_0": ["abc"]}, {})
     assert store.get_chains_for_pipeline(pipe).height == 0
@@ -172,8 +172,8 @@ def test_empty_arrays_round_trip(store):
     pid = _predict(store, pipe)
     store.save_prediction_arrays(pid, [], [], y_proba=np.empty((0, 3)))
     row = store.get_prediction(pid, load_arrays=True)
-    # With no samples there is no row to carry the class count: y_proba comes back (0, 0), still 2-D.
-    assert row["y_true"].shape == (0,) and row["y_proba"].shape == (0, 0)
+    # With no samples the class count is kept beside the rows (y_proba_classes): (0, 3) again.
+    assert row["y_true"].shape == (0,) and row["y_proba"].shape == (0, 3)
 
 
 def test_arrays_for_an_older_prediction_do_not_flush_per_call(workspace):
