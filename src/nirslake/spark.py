@@ -145,7 +145,8 @@ def read_table(
         # Arrays are visible only while their prediction is (§5.4); listed after the arrays.
         keys = identity(S.PREDICTIONS)
         predictions = read_table(spark, workspace, S.PREDICTIONS.name, storage_options, dataset_name)
-        frame = frame.join(predictions.select(*keys), on=keys, how="left_semi")
+        # A join on named keys moves them first: keep the table's own column order.
+        frame = frame.join(predictions.select(*keys), on=keys, how="left_semi").select(*frame.columns)
     return frame
 
 

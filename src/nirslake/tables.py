@@ -450,7 +450,10 @@ def take_snapshot(storage: Storage, cache: FileCache, tables: tuple[str, ...] | 
 
 
 def is_visible(name: str, added: set[str], removed: set[str]) -> bool:
-    """The visibility rule (lake spec): plain files unless removed; compacted files once committed."""
+    """The visibility rule (lake spec): plain files unless removed; compacted files once committed;
+    every commit file (the commits table is the rules, never compacted)."""
+    if name.startswith(COMMIT_PREFIX):
+        return True
     if name in removed:
         return False
     if name.startswith(COMPACT_PREFIX):
