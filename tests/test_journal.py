@@ -8,9 +8,9 @@ import pyarrow as pa
 
 import nirslake.query as q
 from nirslake import WorkspaceStore
-from nirslake.journal import JOURNAL_DIR, Journal, orphaned_segments, read_frames
+from nirslake.journal import JOURNAL_DIR, Journal, read_frames
 from nirslake.storage import Storage
-from nirslake.writer import publish_segment
+from nirslake.writer import publish_segment, recover_orphans
 
 
 def _one_pipeline(store: WorkspaceStore, n: int = 3) -> str:
@@ -85,15 +85,20 @@ def test_publishing_a_segment_twice_adds_nothing(workspace):
     assert q.scan(workspace, "predictions").collect().height == 3
     assert q.scan(workspace, "prediction_arrays").collect().height == 3
     store._writer._sealed.clear()
+    store._writer.journal.release(segment)
     store.close()
 
 
-def test_only_segments_of_dead_processes_are_orphans(workspace):
+def test_a_segment_is_recovered_once_no_one_holds_its_lock(workspace):
+    """Liveness is the writer's lock on its segment, whatever host or pid its name shows."""
+    store = WorkspaceStore(workspace)
+    run = store.begin_run("live", {}, [])
+    store.fail_run(run, "boom")  # durable in the live store's journal
     storage = Storage(workspace)
-    mine = Journal(storage)
-    mine.append([("logs", [{"log_id": "x"}])])
-    dead = f"{JOURNAL_DIR}/{mine.owner.split('~')[0]}~999999999~abc~00000000000001.wal"
-    storage.publish(dead, b"")
-    other_host = f"{JOURNAL_DIR}/elsewhere~1~abc~00000000000001.wal"
-    storage.publish(other_host, b"")
-    assert orphaned_segments(storage) == [dead]
+    [live] = os.listdir(storage.path(JOURNAL_DIR))
+    gone = f"{JOURNAL_DIR}/elsewhere~1~abc~00000000000001.wal"
+    storage.publish(gone, storage.read_bytes(f"{JOURNAL_DIR}/{live}"))  # a copy no process holds
+    assert recover_orphans(storage) == []
+    assert os.listdir(storage.path(JOURNAL_DIR)) == [live]
+    assert set(q.scan(workspace, "runs").collect()["run_id"]) == {run}
+    store.close()

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from . import artifacts as art
 from . import schema as S
+from .journal import damaged_segments
 from .maintenance import leftovers
 from .storage import Storage
 from .tables import FileCache, take_snapshot
@@ -69,6 +70,8 @@ def check_workspace(
     say = progress or (lambda _msg: None)
     report = CheckReport()
     snap = take_snapshot(storage, cache)
+    for rel in damaged_segments(storage):  # its whole batches are published; the rest may be lost
+        report.problems.append(f"journal segment {rel} is damaged: records in it may be lost (lake spec §6)")
     broken_tables: set[str] = set()
     for name, rels in sorted(snap.files.items()):
         for rel in rels:

@@ -30,7 +30,6 @@ from . import __version__, catalog
 from . import artifacts as art
 from . import schema as S
 from .arrays import ARRAY_FIELDS, check_arrays, to_numpy
-from .journal import orphaned_segments
 from .query import Deleted, resolve, resolve_one, top_k
 from .storage import Storage
 from .tables import (
@@ -50,7 +49,7 @@ from .writer import (
     DEFAULT_FLUSH_SECONDS,
     LakeWriter,
     flush_left_open,
-    publish_segment,
+    recover_orphans,
 )
 
 if TYPE_CHECKING:
@@ -333,8 +332,7 @@ class WorkspaceStore:
                 self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()), exists_ok=True)
         catalog.ensure_catalog(self._storage)
         # Records a crashed writer made durable but never published (lake spec §6).
-        for segment in orphaned_segments(self._storage):
-            publish_segment(self._storage, segment)
+        recover_orphans(self._storage)
 
     def close(self) -> None:
         """Flush what is buffered and release the store. Idempotent."""
@@ -373,10 +371,16 @@ class WorkspaceStore:
         self._writer.add(table, row)
 
     # ------------------------------------------------------------------ reading
+    def _publish_for_read(self) -> None:
+        """Publish this store's writes and what other stores of this process acknowledged: one
+        process reads what any of its stores acknowledged (lake spec §6)."""
+        self._publish()
+        self._writer.publish_process_writers()
+
     def _snapshot(self, publish: bool = True, tables: tuple[str, ...] | None = None) -> Snapshot:
         """Publish this process's writes, then list the lake once for the reads of one call."""
         if publish:
-            self._publish()
+            self._publish_for_read()
         snap = self._leased_snapshot(tables)
         if snap is None:
             # The lease counts from before the listing: the state it shows is that old.
@@ -807,7 +811,7 @@ class WorkspaceStore:
             self._check_open()
             owner = self._prediction_owner(prediction_id)
             if owner is None:
-                self._publish()  # it may sit in this process's buffer
+                self._publish_for_read()  # it may sit in a buffer or journal of this process
                 owner = self._prediction_owner(prediction_id)
             if owner is None:
                 raise KeyError(f"unknown prediction_id {prediction_id!r}")
@@ -1282,7 +1286,7 @@ class WorkspaceStore:
             raise ValueError(f"target_file_mb must be a positive number, got {target_file_mb!r}")
         with self._lock:
             self._check_open()
-            self._publish()
+            self._publish_for_read()
             return compact_all(
                 self._storage, self._cache, int(target_file_mb * 1048576), tables=tables, progress=progress
             )
@@ -1299,7 +1303,7 @@ class WorkspaceStore:
 
         with self._lock:
             self._check_open()
-            self._publish()
+            self._publish_for_read()
             return check_workspace(
                 self._storage,
                 self._cache,
@@ -1317,7 +1321,7 @@ class WorkspaceStore:
         """
         with self._lock:
             self._check_open()
-            self._publish()
+            self._publish_for_read()
             con = catalog.connect(self._storage)
             try:
                 return con.execute(query, params or []).pl()
