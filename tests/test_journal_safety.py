@@ -365,6 +365,7 @@ def test_two_stores_in_one_process_read_what_either_acknowledged(local_workspace
     is what the other reads at once."""
     first = WorkspaceStore(local_workspace, flush_seconds=3600)
     second = WorkspaceStore(local_workspace, flush_seconds=3600)
+    assert second.list_runs().height == 0
     run = first.begin_run("r", {}, [])
     first.fail_run(run, "out of memory")
     got = second.get_run(run)
@@ -373,3 +374,35 @@ def test_two_stores_in_one_process_read_what_either_acknowledged(local_workspace
     assert second.sql("SELECT status FROM runs")["status"].to_list() == ["failed"]
     first.close()
     second.close()
+
+
+LEFT_OPEN_FAILING = """
+import sys
+import nirslake.writer
+from nirslake import WorkspaceStore
+
+store = WorkspaceStore(sys.argv[1], flush_seconds=3600)
+run = store.begin_run("r", {}, [])
+pipeline(store, run, 0)  # acknowledged
+predictions(store, run, 1)  # buffered only
+
+def full_disk(*args, **kwargs):
+    raise OSError("disk full")
+
+nirslake.writer.publish_frames = full_disk
+if sys.argv[2] == "append":
+    nirslake.writer.Journal.append = full_disk
+"""
+
+
+@pytest.mark.parametrize("fails", ["publish", "append"])
+def test_the_exit_message_says_what_was_lost_and_what_the_journal_keeps(local_workspace, fails):
+    """Issue 9 scenario 1 (its exit message): a store left open at exit whose publication fails
+    says what it really did: records it could not make durable are lost, and the journal keeps
+    the acknowledged ones, which the next store opened publishes."""
+    done = _run(LEFT_OPEN_FAILING, local_workspace, fails)
+    kept = "what it made durable stays in _journal/ and the next store opened on the workspace publishes it"
+    lost = "2 records not yet made durable are lost; " if fails == "append" else ""
+    assert done.stderr == f"nirslake: could not publish WorkspaceStore({local_workspace!r}) ({lost}{kept}): disk full\n"
+    with WorkspaceStore(local_workspace) as store:
+        assert sorted(store.query_predictions()["prediction_id"]) == (["0-0"] if fails == "append" else ["0-0", "1-0"])

@@ -181,6 +181,13 @@ def read_frames(data: bytes) -> Iterator[tuple[str, pa.Table | dict[str, list]]]
     return SegmentScan(data).frames()
 
 
+def read_segment(data: bytes) -> tuple[Frames, list[str]]:
+    """The decoded records of every whole batch, and the damage found; holds no reference to
+    ``data``, so a publication does not keep the segment's bytes in memory beside its records."""
+    scan = SegmentScan(data)
+    return list(scan.frames()), scan.damage
+
+
 class Journal:
     """Append-only segments ``_journal/<host>~<pid>~<uuid>~<opened µs, 14 hex>.wal`` of one writer.
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from . import schema as S
 from .arrays import ARRAY_FIELDS, list_column, matrix_column, nbytes
-from .journal import JOURNAL_DIR, SUFFIX, Journal, SegmentScan, keep_damaged, segment_stamp
+from .journal import JOURNAL_DIR, SUFFIX, Journal, keep_damaged, read_segment, segment_stamp
 from .storage import Storage
 from .tables import CLOCK, write_table
 
@@ -250,10 +250,10 @@ def publish_segment(storage: Storage, rel: str) -> str | None:
     File names derive from the segment, so a second publication (a crash between publishing and
     deleting) writes nothing new.
     """
-    scan = SegmentScan(storage.read_bytes(rel))
-    publish_frames(storage, list(scan.frames()), seed=(segment_stamp(rel), rel.rsplit("/", 1)[-1]))
-    if scan.damage:
-        return keep_damaged(storage, rel, scan.damage)
+    frames, damage = read_segment(storage.read_bytes(rel))
+    publish_frames(storage, frames, seed=(segment_stamp(rel), rel.rsplit("/", 1)[-1]))
+    if damage:
+        return keep_damaged(storage, rel, damage)
     storage.delete(rel)
     return None
 
