@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
 import nirslake.query as q
 from nirslake import WorkspaceStore
@@ -84,7 +86,6 @@ def test_publishing_a_segment_twice_adds_nothing(workspace):
     publish_segment(Storage(workspace), segment)
     assert q.scan(workspace, "predictions").collect().height == 3
     assert q.scan(workspace, "prediction_arrays").collect().height == 3
-    store._writer._sealed.clear()
     store._writer.journal.release(segment)
     store.close()
 
@@ -102,3 +103,36 @@ def test_a_segment_is_recovered_once_no_one_holds_its_lock(workspace):
     assert os.listdir(storage.path(JOURNAL_DIR)) == [live]
     assert set(q.scan(workspace, "runs").collect()["run_id"]) == {run}
     store.close()
+
+
+def test_a_failed_append_that_cannot_be_cut_off_leaves_its_segment_for_publication(local_workspace, monkeypatch):
+    """Disk full mid-append and the cut-off fails too: that segment is sealed with its torn tail
+    (ignored, not damage) and the retry starts a new one; both are published, nothing twice."""
+    store = WorkspaceStore(local_workspace, flush_seconds=3600)
+    first = store.begin_run("first", {}, [])
+    store.fail_run(first, "a")  # one whole batch in the segment
+    real_write = os.writev
+
+    def torn(fd, pieces):
+        os.write(fd, bytes(pieces[0])[:10])
+        raise OSError(28, "No space left on device")
+
+    def refused(fd, length):
+        raise OSError(5, "Input/output error")
+
+    second = store.begin_run("second", {}, [])
+    monkeypatch.setattr(os, "writev", torn)
+    monkeypatch.setattr(os, "ftruncate", refused)
+    with pytest.raises(OSError, match="No space left"):
+        store.fail_run(second, "b")
+    monkeypatch.undo()
+    assert os.writev is real_write
+    store.fail_run(second, "b")  # the retry, into a new segment
+    assert len(os.listdir(os.path.join(local_workspace, JOURNAL_DIR))) == 2
+    store.close()
+    assert os.listdir(os.path.join(local_workspace, JOURNAL_DIR)) == []
+    rows = pq.read_table(os.path.join(local_workspace, "tables", "runs")).to_pylist()
+    # each run's open and failed rows, plus the failed row the retry added: the torn batch never landed
+    assert sorted(r["name"] for r in rows) == ["first", "first", "second", "second", "second"]
+    with WorkspaceStore(local_workspace) as reader:
+        assert {r: reader.get_run(r)["status"] for r in (first, second)} == {first: "failed", second: "failed"}

@@ -203,7 +203,7 @@ class Journal:
         self.storage = storage
         self.owner = _new_owner()
         self._fd: int | None = None
-        self._held: dict[str, int] = {}  # sealed segments, still locked until published
+        self._sealed: dict[str, int] = {}  # sealed segments (oldest first), locked until released
         self.current: str | None = None
         self.bytes = 0
         self.opened_us = 0
@@ -246,24 +246,29 @@ class Journal:
         if self._fd is None:
             return None
         rel, self.current = self.current, None
-        self._held[rel], self._fd = self._fd, None
+        self._sealed[rel], self._fd = self._fd, None
         self.bytes = 0
         return rel
 
+    @property
+    def segments(self) -> list[str]:
+        """Segments holding records not yet published: the sealed ones, oldest first, then the current one."""
+        return [*self._sealed, *([self.current] if self.current else [])]
+
     def release(self, rel: str) -> None:
         """Unlock a sealed segment once it is published and deleted."""
-        fd = self._held.pop(rel, None)
+        fd = self._sealed.pop(rel, None)
         if fd is not None:
             os.close(fd)
 
     def forget(self) -> None:
         """In a forked child: drop the parent's segments without unlocking them (the lock belongs
         to the open file the parent shares) and take a journal identity of our own."""
-        for fd in [self._fd, *self._held.values()]:
+        for fd in [self._fd, *self._sealed.values()]:
             if fd is not None:
                 os.close(fd)  # the parent's descriptor stays open, so its lock stays held
         self.owner = _new_owner()
-        self._fd, self._held, self.current, self.bytes = None, {}, None, 0
+        self._fd, self._sealed, self.current, self.bytes = None, {}, None, 0
 
 
 def _new_owner() -> str:

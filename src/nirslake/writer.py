@@ -71,10 +71,10 @@ class LakeWriter:
         self._arrays: list[dict] = []
         self._array_bytes = 0
         self._pending = 0
-        self._sealed: list[str] = []  # journal segments closed but not yet published
         # Object stores: batches a durability point began to publish, each with the seed of its
-        # file names, kept until every file landed, so a retry rewrites the same names.
-        self._landing: list[tuple[list, tuple[int, str]]] = []
+        # file names (and its record count), kept until every file landed, so a retry rewrites
+        # the same names.
+        self._landing: list[tuple[list, tuple[int, str], int]] = []
         with _WRITERS_LOCK:
             _WRITERS[storage.root].add(self)
 
@@ -102,12 +102,12 @@ class LakeWriter:
     @property
     def pending(self) -> int:
         """Records not yet durable: buffered in memory, or in a batch that has not landed."""
-        return self._pending + sum(_count(frames) for frames, _seed in self._landing)
+        return self._pending + sum(count for _frames, _seed, count in self._landing)
 
     @property
     def journaled(self) -> bool:
         """True when a journal segment holds records not yet published."""
-        return bool(self._sealed or (self.journal is not None and self.journal.current is not None))
+        return self.journal is not None and bool(self.journal.segments)
 
     # -- durability ------------------------------------------------------------
     def commit(self) -> None:
@@ -144,22 +144,18 @@ class LakeWriter:
     def _publish_journal(self) -> None:
         if self.journal is None:
             return
-        sealed = self.journal.seal()
-        if sealed:
-            self._sealed.append(sealed)
-        while self._sealed:
-            rel = self._sealed[0]
+        self.journal.seal()
+        for rel in self.journal.segments:  # oldest first: sealed ones, and any a failed append sealed
             publish_segment(self.storage, rel)
             self.journal.release(rel)  # only now may a recoverer take the segment
-            self._sealed.pop(0)
 
     def _make_durable(self) -> None:
         if self.journal is None:
             if self._pending:
-                self._landing.append((self._frames(), (CLOCK.now_us(), f"batch-{uuid.uuid4().hex}")))
+                self._landing.append((self._frames(), (CLOCK.now_us(), f"batch-{uuid.uuid4().hex}"), self._pending))
                 self._clear()
             while self._landing:
-                frames, seed = self._landing[0]
+                frames, seed, _count = self._landing[0]
                 publish_frames(self.storage, frames, seed)
                 self._landing.pop(0)
         elif self._pending:
@@ -178,7 +174,7 @@ class LakeWriter:
         self._lock = threading.RLock()  # another thread of the parent may have held it at the fork
         self._pid = os.getpid()
         self._clear()
-        self._sealed, self._landing = [], []
+        self._landing = []
         if self.journal is not None:
             self.journal.forget()
 
@@ -306,6 +302,3 @@ def _forget_parents_in_child() -> None:
 
 os.register_at_fork(after_in_child=_forget_parents_in_child)
 
-
-def _count(frames: list) -> int:
-    return sum(len(records) if isinstance(records, pa.Table) else len(next(iter(records.values()), [])) for _n, records in frames)
