@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,7 +12,7 @@ import pytest
 
 import nirslake.query as q
 from nirslake import WorkspaceStore
-from nirslake.journal import JOURNAL_DIR, Journal, read_frames
+from nirslake.journal import JOURNAL_DIR, Journal, SegmentScan, encode_batch, read_frames
 from nirslake.storage import Storage
 from nirslake.writer import publish_segment, recover_orphans
 
@@ -136,3 +138,37 @@ def test_a_failed_append_that_cannot_be_cut_off_leaves_its_segment_for_publicati
     assert sorted(r["name"] for r in rows) == ["first", "first", "second", "second", "second"]
     with WorkspaceStore(local_workspace) as reader:
         assert {r: reader.get_run(r)["status"] for r in (first, second)} == {first: "failed", second: "failed"}
+
+
+def _batch_bytes(*names: str) -> bytes:
+    return b"".join(bytes(piece) for piece in encode_batch([(name, {"x": [name]}) for name in names]))
+
+
+def test_damage_hides_only_its_own_batch_and_is_told_apart_from_a_torn_tail():
+    batches = [_batch_bytes("a"), _batch_bytes("b", "c"), _batch_bytes("d")]
+    data = b"".join(batches)
+    flipped = bytearray(data)
+    flipped[len(batches[0]) + 30] ^= 1  # inside the second batch's payload
+    scan = SegmentScan(bytes(flipped))
+    assert [name for name, _ in scan.frames()] == ["a", "d"]
+    assert scan.damage == [f"bytes {len(batches[0])}-{len(batches[0]) + len(batches[1])} unreadable"]
+    length_flipped = bytearray(data)
+    length_flipped[len(data) - len(batches[2]) + 5] ^= 1  # the last frame's payload length
+    scan = SegmentScan(bytes(length_flipped))
+    assert [name for name, _ in scan.frames()] == ["a", "b", "c"] and len(scan.damage) == 1
+    torn = SegmentScan(data + batches[0][:-1])  # an append cut short: not damage
+    assert [name for name, _ in torn.frames()] == ["a", "b", "c", "d"] and torn.damage == []
+
+
+def test_segments_of_the_older_format_are_still_read():
+    def frame(name: str, payload: bytes, magic: bytes = b"NLJ2") -> bytes:
+        key = name.encode()
+        return struct.pack("<4sIQI", magic, len(key), len(payload), zlib.crc32(payload)) + key + payload
+
+    end = frame("~end", b"J{}")
+    data = frame("logs", b'J{"x":[1]}') + end + frame("logs", b'J{"x":[2]}') + end + frame("logs", b'J{"x":[3]}')
+    assert [records for _, records in read_frames(data)] == [{"x": [1]}, {"x": [2]}]  # the last batch had no end
+    broken = bytearray(data)
+    broken[-3] ^= 1
+    scan = SegmentScan(bytes(broken) + end)
+    assert len(list(scan.frames())) == 2 and scan.damage

@@ -163,7 +163,7 @@ class SegmentScan:
                 return  # torn tail
             payload = self._view[start + key_len : end]
             if magic not in _LEGACY_MAGICS or zlib.crc32(payload) != crc:
-                self.damage.append(f"bytes {offset}-{len(data)} unreadable (journal format {magic[3:4].decode(errors='replace')})")
+                self.damage.append(f"bytes {offset}-{len(data)} unreadable (older journal format)")
                 return
             name = bytes(self._view[start : start + key_len]).decode()
             offset = end
