@@ -3,7 +3,6 @@ hosts, a torn append, a flipped bit, a failed PUT and concurrent recoverers (lak
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,7 +17,6 @@ import pytest
 import nirslake.query as q
 from nirslake import WorkspaceStore
 from nirslake.journal import DAMAGED_SUFFIX, JOURNAL_DIR, damaged_segments
-from nirslake.storage import Storage
 
 # Shared by the child scripts: one pipeline of `n` predictions, completed (a durability point
 # that does not publish while flush_seconds has not passed).
@@ -323,7 +321,6 @@ os._exit(0)
 
 RECOVERER = """
 import sys, time
-from nirslake.storage import Storage
 
 real_read = Storage.read_bytes
 
