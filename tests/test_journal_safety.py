@@ -321,6 +321,7 @@ os._exit(0)
 
 RECOVERER = """
 import sys, time
+from nirslake.storage import Storage
 
 real_read = Storage.read_bytes
 
