@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
 import nirslake.query as q
 from nirslake import WorkspaceStore
-from nirslake.journal import JOURNAL_DIR, Journal, orphaned_segments, read_frames
+from nirslake.journal import JOURNAL_DIR, Journal, SegmentScan, encode_batch, read_frames
 from nirslake.storage import Storage
-from nirslake.writer import publish_segment
+from nirslake.writer import publish_segment, recover_orphans
 
 
 def _one_pipeline(store: WorkspaceStore, n: int = 3) -> str:
@@ -84,16 +88,87 @@ def test_publishing_a_segment_twice_adds_nothing(workspace):
     publish_segment(Storage(workspace), segment)
     assert q.scan(workspace, "predictions").collect().height == 3
     assert q.scan(workspace, "prediction_arrays").collect().height == 3
-    store._writer._sealed.clear()
+    store._writer.journal.release(segment)
     store.close()
 
 
-def test_only_segments_of_dead_processes_are_orphans(workspace):
+def test_a_segment_is_recovered_once_no_one_holds_its_lock(workspace):
+    """Liveness is the writer's lock on its segment, whatever host or pid its name shows."""
+    store = WorkspaceStore(workspace)
+    run = store.begin_run("live", {}, [])
+    store.fail_run(run, "boom")  # durable in the live store's journal
     storage = Storage(workspace)
-    mine = Journal(storage)
-    mine.append([("logs", [{"log_id": "x"}])])
-    dead = f"{JOURNAL_DIR}/{mine.owner.split('~')[0]}~999999999~abc~00000000000001.wal"
-    storage.publish(dead, b"")
-    other_host = f"{JOURNAL_DIR}/elsewhere~1~abc~00000000000001.wal"
-    storage.publish(other_host, b"")
-    assert orphaned_segments(storage) == [dead]
+    [live] = os.listdir(storage.path(JOURNAL_DIR))
+    gone = f"{JOURNAL_DIR}/elsewhere~1~abc~00000000000001.wal"
+    storage.publish(gone, storage.read_bytes(f"{JOURNAL_DIR}/{live}"))  # a copy no process holds
+    assert recover_orphans(storage) == []
+    assert os.listdir(storage.path(JOURNAL_DIR)) == [live]
+    assert set(q.scan(workspace, "runs").collect()["run_id"]) == {run}
+    store.close()
+
+
+def test_a_failed_append_that_cannot_be_cut_off_leaves_its_segment_for_publication(local_workspace, monkeypatch):
+    """Disk full mid-append and the cut-off fails too: that segment is sealed with its torn tail
+    (ignored, not damage) and the retry starts a new one; both are published, nothing twice."""
+    store = WorkspaceStore(local_workspace, flush_seconds=3600)
+    first = store.begin_run("first", {}, [])
+    store.fail_run(first, "a")  # one whole batch in the segment
+    real_write = os.writev
+
+    def torn(fd, pieces):
+        os.write(fd, bytes(pieces[0])[:10])
+        raise OSError(28, "No space left on device")
+
+    def refused(fd, length):
+        raise OSError(5, "Input/output error")
+
+    second = store.begin_run("second", {}, [])
+    monkeypatch.setattr(os, "writev", torn)
+    monkeypatch.setattr(os, "ftruncate", refused)
+    with pytest.raises(OSError, match="No space left"):
+        store.fail_run(second, "b")
+    monkeypatch.undo()
+    assert os.writev is real_write
+    store.fail_run(second, "b")  # the retry, into a new segment
+    assert len(os.listdir(os.path.join(local_workspace, JOURNAL_DIR))) == 2
+    store.close()
+    assert os.listdir(os.path.join(local_workspace, JOURNAL_DIR)) == []
+    rows = pq.read_table(os.path.join(local_workspace, "tables", "runs")).to_pylist()
+    # each run's open and failed rows, plus the failed row the retry added: the torn batch never landed
+    assert sorted(r["name"] for r in rows) == ["first", "first", "second", "second", "second"]
+    with WorkspaceStore(local_workspace) as reader:
+        assert {r: reader.get_run(r)["status"] for r in (first, second)} == {first: "failed", second: "failed"}
+
+
+def _batch_bytes(*names: str) -> bytes:
+    return b"".join(bytes(piece) for piece in encode_batch([(name, {"x": [name]}) for name in names]))
+
+
+def test_damage_hides_only_its_own_batch_and_is_told_apart_from_a_torn_tail():
+    batches = [_batch_bytes("a"), _batch_bytes("b", "c"), _batch_bytes("d")]
+    data = b"".join(batches)
+    flipped = bytearray(data)
+    flipped[len(batches[0]) + 30] ^= 1  # inside the second batch's payload
+    scan = SegmentScan(bytes(flipped))
+    assert [name for name, _ in scan.frames()] == ["a", "d"]
+    assert scan.damage == [f"bytes {len(batches[0])}-{len(batches[0]) + len(batches[1])} unreadable"]
+    length_flipped = bytearray(data)
+    length_flipped[len(data) - len(batches[2]) + 5] ^= 1  # the last frame's payload length
+    scan = SegmentScan(bytes(length_flipped))
+    assert [name for name, _ in scan.frames()] == ["a", "b", "c"] and len(scan.damage) == 1
+    torn = SegmentScan(data + batches[0][:-1])  # an append cut short: not damage
+    assert [name for name, _ in torn.frames()] == ["a", "b", "c", "d"] and torn.damage == []
+
+
+def test_segments_of_the_older_format_are_still_read():
+    def frame(name: str, payload: bytes, magic: bytes = b"NLJ2") -> bytes:
+        key = name.encode()
+        return struct.pack("<4sIQI", magic, len(key), len(payload), zlib.crc32(payload)) + key + payload
+
+    end = frame("~end", b"J{}")
+    data = frame("logs", b'J{"x":[1]}') + end + frame("logs", b'J{"x":[2]}') + end + frame("logs", b'J{"x":[3]}')
+    assert [records for _, records in read_frames(data)] == [{"x": [1]}, {"x": [2]}]  # the last batch had no end
+    broken = bytearray(data)
+    broken[-3] ^= 1
+    scan = SegmentScan(bytes(broken) + end)
+    assert len(list(scan.frames())) == 2 and scan.damage

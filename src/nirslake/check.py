@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from . import artifacts as art
 from . import schema as S
+from .journal import damaged_segments
 from .maintenance import leftovers, remove_leftovers
 from .storage import Storage
 from .tables import FileCache, Snapshot, take_snapshot
@@ -77,6 +78,8 @@ def check_workspace(
     # children whose parents "do not exist" while writers publish.
     snap, listing_error = _snapshot(storage, cache)
     damaged: set[str] = set()
+    for rel in damaged_segments(storage):  # its whole batches are published; the rest may be lost
+        report.problems.append(f"journal segment {rel} is damaged: records in it may be lost (lake spec §6)")
     for name, rels in sorted(snap.files.items()):
         for rel in rels:
             report.files_checked += 1

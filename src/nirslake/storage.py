@@ -5,6 +5,7 @@ A workspace is a local folder or any fsspec URL; nothing above this module knows
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import posixpath
@@ -322,16 +323,52 @@ class Storage:
             os.link(self.path(rel), target)  # link() never replaces: a writer's new copy stays
             os.unlink(self.path(rel))
 
-    def open_append(self, rel: str):
-        """A local file opened for appending (the journal), its folder created when missing."""
+    def open_append(self, rel: str) -> int:
+        """A new local file at ``rel`` opened for appending (a journal segment), its folder
+        created when missing; returns the descriptor.
+
+        The descriptor holds ``flock(LOCK_EX)`` on the file from before its name appears (it is
+        created under a name no one lists, locked, then renamed), so whoever finds the file can
+        tell by ``lock_file`` whether its writer still runs. The lock lasts while the descriptor
+        is open; it needs a filesystem whose locks work (local disks, NFSv4).
+        """
         if not self.is_local:
             raise ValueError("append-only files are kept on local workspaces only")
         path = self.path(rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        handle = open(path, "ab")
+        hidden = f"{path}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(hidden, path)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(hidden)
+            raise
         if self.fsync:
             _fsync_dir(os.path.dirname(path))  # the new file's name must survive a machine crash too
-        return handle
+        return fd
+
+    def lock_file(self, rel: str) -> int | None:
+        """A descriptor holding ``flock(LOCK_EX)`` on the local file at ``rel``, or None when its
+        lock is held elsewhere or the file is gone (then or while the lock was taken)."""
+        path = self.path(rel)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held, now = os.fstat(fd), os.stat(path)
+            if held.st_nlink and (held.st_ino, held.st_dev) == (now.st_ino, now.st_dev):
+                return fd
+        except (BlockingIOError, FileNotFoundError):
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        return None
 
     def delete(self, rel: str) -> bool:
         self.generation += 1
@@ -391,6 +428,13 @@ def _scan_local(path: str, rel: str, suffix: str, out: list[str]) -> None:
             _scan_local(entry.path, f"{rel}/{entry.name}", suffix, out)
         elif entry.name.endswith(suffix):
             out.append(f"{rel}/{entry.name}")
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_dir(path: str) -> None:

@@ -32,7 +32,6 @@ from . import __version__, catalog
 from . import artifacts as art
 from . import schema as S
 from .arrays import ARRAY_FIELDS, check_arrays, to_numpy
-from .journal import orphaned_segments
 from .query import _ENTITY_DELETIONS, Deleted, resolve, resolve_one, top_k
 from .storage import Storage
 from .tables import (
@@ -52,7 +51,7 @@ from .writer import (
     DEFAULT_FLUSH_SECONDS,
     LakeWriter,
     flush_left_open,
-    publish_segment,
+    recover_orphans,
 )
 
 if TYPE_CHECKING:
@@ -353,8 +352,7 @@ class WorkspaceStore:
             # out, least of all `nirslake check`, which names it.
             warnings.warn(f"{exc}. The store opens without a current catalog.", RuntimeWarning, stacklevel=3)
         # Records a crashed writer made durable but never published (lake spec §6).
-        for segment in orphaned_segments(self._storage):
-            publish_segment(self._storage, segment)
+        recover_orphans(self._storage)
 
     def close(self) -> None:
         """Flush what is buffered and release the store. Idempotent."""
@@ -393,10 +391,16 @@ class WorkspaceStore:
         self._writer.add(table, row)
 
     # ------------------------------------------------------------------ reading
+    def _publish_for_read(self) -> None:
+        """Publish this store's writes and what other stores of this process acknowledged: one
+        process reads what any of its stores acknowledged (lake spec §6)."""
+        self._publish()
+        self._writer.publish_process_writers()
+
     def _snapshot(self, publish: bool = True, tables: tuple[str, ...] | None = None) -> Snapshot:
         """Publish this process's writes, then list the lake once for the reads of one call."""
         if publish:
-            self._publish()
+            self._publish_for_read()
         snap = self._leased_snapshot(tables)
         if snap is None:
             # The lease counts from before the listing: the state it shows is that old.
@@ -844,7 +848,7 @@ class WorkspaceStore:
                 self._known_predictions.pop(prediction_id, None)
                 owner = self._prediction_owner(prediction_id)
             if owner is None:
-                self._publish()  # it may sit in this process's buffer
+                self._publish_for_read()  # it may sit in a buffer or journal of this process
                 owner = self._prediction_owner(prediction_id)
             if owner is None:
                 raise KeyError(f"unknown prediction_id {prediction_id!r}")
@@ -1329,7 +1333,7 @@ class WorkspaceStore:
             raise ValueError(f"target_file_mb must be a positive number, and finite: got {target_file_mb!r}")
         with self._lock:
             self._check_open()
-            self._publish()
+            self._publish_for_read()
             return compact_all(
                 self._storage, self._cache, int(target_file_mb * 1048576), tables=tables, progress=progress
             )
@@ -1346,7 +1350,7 @@ class WorkspaceStore:
 
         with self._lock:
             self._check_open()
-            self._publish()
+            self._publish_for_read()
             return check_workspace(
                 self._storage,
                 self._cache,
@@ -1364,7 +1368,7 @@ class WorkspaceStore:
         """
         with self._lock:
             self._check_open()
-            self._publish()
+            self._publish_for_read()
             con = catalog.connect(self._storage)
             try:
                 result = con.execute(query, params or [])

@@ -146,7 +146,8 @@ def write_table(
             digest = hashlib.sha256(f"{seed[1]}/{folder}".encode()).hexdigest()[:32]
             name = f"{prefix}{seed[0]:014x}-{digest}.parquet"
         rel = f"{folder}/{name}"
-        storage.publish(rel, to_parquet_bytes(part, tdef.row_group_rows))
+        # A seeded name may have landed at an earlier attempt, with these same rows: keep it.
+        storage.publish(rel, to_parquet_bytes(part, tdef.row_group_rows), exists_ok=seed is not None)
         written.append(rel)
     return written
 

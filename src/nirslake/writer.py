@@ -1,19 +1,23 @@
 """The write path: rows buffered in memory, made durable in a journal, published as lake files.
 
-Implements lake spec §6: a durability point appends one journal frame per table; the journal is
-published as Parquet in bulk (by size, by age, on flush/close/read), status rows after results.
+Implements lake spec §6: a durability point appends one journal batch; the journal is published
+as Parquet in bulk (by size, by age, on flush/close/read), status rows after results.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
+import uuid
+import weakref
 from collections import defaultdict
 
 import pyarrow as pa
 
 from . import schema as S
 from .arrays import ARRAY_FIELDS, list_column, matrix_column, nbytes
-from .journal import Journal, read_frames, segment_stamp
+from .journal import JOURNAL_DIR, SUFFIX, Journal, keep_damaged, read_segment, segment_stamp
 from .storage import Storage
 from .tables import CLOCK, write_table
 
@@ -33,12 +37,20 @@ def _table_of(key: str) -> S.TableDef:
     return S.TABLES[key.split(":")[0]]
 
 
+# Every writer of this process, by workspace: a read through one store first publishes what the
+# others acknowledged (one process reads what any of its stores acknowledged), and a forked
+# child makes them all forget their parent's records.
+_WRITERS: dict[str, weakref.WeakSet[LakeWriter]] = defaultdict(weakref.WeakSet)
+_WRITERS_LOCK = threading.Lock()
+
+
 class LakeWriter:
     """Buffers rows per table; ``commit()`` makes them durable, ``publish()`` makes them lake files.
 
     On a local workspace ``commit`` appends to this writer's journal, and the journal is
     published once it holds ``flush_bytes`` or is ``flush_seconds`` old; elsewhere (object
-    stores) ``commit`` publishes directly. Not thread-safe on its own: the store serialises calls.
+    stores) ``commit`` publishes directly. Thread-safe: its own lock serialises calls, so a
+    read through another store of the process may publish it (``publish_acknowledged``).
     """
 
     def __init__(
@@ -53,63 +65,118 @@ class LakeWriter:
         self.flush_rows = flush_rows
         self.flush_us = int(flush_seconds * 1e6)
         self.journal = Journal(storage) if storage.is_local else None
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
         self._rows: dict[str, list[dict]] = {name: [] for name in FLUSH_ORDER if name != "prediction_arrays"}
         self._arrays: list[dict] = []
         self._array_bytes = 0
         self._pending = 0
-        self._sealed: list[str] = []  # journal segments closed but not yet published
+        # Object stores: batches a durability point began to publish, each with the seed of its
+        # file names (and its record count), kept until every file landed, so a retry rewrites
+        # the same names.
+        self._landing: list[tuple[list, tuple[int, str], int]] = []
+        with _WRITERS_LOCK:
+            _WRITERS[storage.root].add(self)
 
     # -- buffering -------------------------------------------------------------
     def add(self, table: str, row: dict) -> None:
         if table in ("runs", "pipelines"):
             table = f"{table}:{'open' if row['status'] == 'running' else 'final'}"
-        self._rows[table].append(row)
-        self._pending += 1
-        if self._pending >= self.flush_rows:
-            self.commit()
+        with self._lock:
+            self._own()
+            self._rows[table].append(row)
+            self._pending += 1
+            if self._pending >= self.flush_rows:
+                self.commit()
 
     def add_arrays(self, row: dict) -> None:
         """Buffer one prediction's arrays (already checked by ``arrays.check_arrays``)."""
-        self._arrays.append(row)
-        self._pending += 1
-        self._array_bytes += nbytes({f: row[f] for f in ARRAY_FIELDS})
-        if self._array_bytes >= self.flush_bytes or self._pending >= self.flush_rows:
-            self.commit()
+        with self._lock:
+            self._own()
+            self._arrays.append(row)
+            self._pending += 1
+            self._array_bytes += nbytes({f: row[f] for f in ARRAY_FIELDS})
+            if self._array_bytes >= self.flush_bytes or self._pending >= self.flush_rows:
+                self.commit()
 
     @property
     def pending(self) -> int:
-        """Records buffered in memory, not yet durable."""
-        return self._pending
+        """Records not yet durable: buffered in memory, or in a batch that has not landed."""
+        return self._pending + sum(count for _frames, _seed, count in self._landing)
+
+    @property
+    def journaled(self) -> bool:
+        """True when a journal segment holds records not yet published."""
+        return self.journal is not None and bool(self.journal.segments)
 
     # -- durability ------------------------------------------------------------
     def commit(self) -> None:
         """A durability point: once this returns, every buffered record survives a crash of the process."""
-        self._make_durable()
-        journal = self.journal
-        if journal is not None and journal.current is not None:
-            if journal.bytes >= self.flush_bytes or CLOCK.now_us() - journal.opened_us >= self.flush_us:
-                self.publish()
+        with self._lock:
+            self._own()
+            self._make_durable()
+            journal = self.journal
+            if journal is not None and journal.current is not None:
+                if journal.bytes >= self.flush_bytes or CLOCK.now_us() - journal.opened_us >= self.flush_us:
+                    self._publish_journal()
 
     def publish(self) -> None:
         """Commit, then turn the journal into lake files (readers in other processes see them now)."""
-        self._make_durable()
-        if self.journal is not None:
-            sealed = self.journal.seal()
-            if sealed:
-                self._sealed.append(sealed)
-        while self._sealed:
-            publish_segment(self.storage, self._sealed[0])
-            self._sealed.pop(0)
+        with self._lock:
+            self._own()
+            self._make_durable()
+            self._publish_journal()
+
+    def publish_acknowledged(self) -> None:
+        """Publish what durability points acknowledged (the journal), leaving the buffer alone."""
+        with self._lock:
+            self._own()
+            self._publish_journal()
+
+    def publish_process_writers(self) -> None:
+        """Publish what every other writer of this process on this workspace acknowledged, so a
+        read here sees it (lake spec §6). One writer's lock at a time: no two are ever held."""
+        with _WRITERS_LOCK:
+            others = [w for w in _WRITERS[self.storage.root] if w is not self]
+        for other in others:
+            other.publish_acknowledged()
+
+    def _publish_journal(self) -> None:
+        if self.journal is None:
+            return
+        self.journal.seal()
+        for rel in self.journal.segments:  # oldest first: sealed ones, and any a failed append sealed
+            publish_segment(self.storage, rel)
+            self.journal.release(rel)  # only now may a recoverer take the segment
 
     def _make_durable(self) -> None:
-        if not self._pending:
-            return
-        frames = self._frames()
         if self.journal is None:
-            publish_frames(self.storage, frames)
-        else:
-            self.journal.append(frames)
+            if self._pending:
+                self._landing.append((self._frames(), (CLOCK.now_us(), f"batch-{uuid.uuid4().hex}"), self._pending))
+                self._clear()
+            while self._landing:
+                frames, seed, _count = self._landing[0]
+                publish_frames(self.storage, frames, seed)
+                self._landing.pop(0)
+        elif self._pending:
+            self.journal.append(self._frames())
+            self._clear()
+
+    def _own(self) -> None:
+        """A belt for forks the at-fork hook did not see (a fork from C code)."""
+        if self._pid != os.getpid():
+            self.forget_parent()
+
+    def forget_parent(self) -> None:
+        """In a forked child: the parent's buffer, batches and journal stay the parent's to
+        publish (publishing them here too would duplicate them, or delete the journal the parent
+        still appends to). The child starts empty, with a journal of its own."""
+        self._lock = threading.RLock()  # another thread of the parent may have held it at the fork
+        self._pid = os.getpid()
         self._clear()
+        self._landing = []
+        if self.journal is not None:
+            self.journal.forget()
 
     def _frames(self) -> list[tuple[str, pa.Table | dict[str, list]]]:
         frames = []
@@ -124,7 +191,8 @@ class LakeWriter:
         return frames
 
     def _clear(self) -> None:
-        # Only after the records are durable: a failed append keeps them for the next attempt.
+        # Only once the records are durable (or, on object stores, held in a landing batch): a
+        # failed append keeps them for the next attempt.
         for name in self._rows:
             self._rows[name] = []
         self._arrays, self._array_bytes, self._pending = [], 0, 0
@@ -172,15 +240,44 @@ def publish_frames(
             write_table(storage, _table_of(name), table, seed=None if seed is None else (seed[0], f"{seed[1]}/{name}"))
 
 
-def publish_segment(storage: Storage, rel: str) -> None:
-    """Publish one journal segment's records as lake files, then delete it.
+def publish_segment(storage: Storage, rel: str) -> str | None:
+    """Publish one journal segment's whole batches as lake files, then delete it; a segment with
+    damage inside is kept as ``.damaged`` instead, and its new name returned.
 
-    File names derive from the segment, so a second publication (two processes recovering the
-    same orphan, or a crash between publishing and deleting) writes nothing new.
+    File names derive from the segment, so a second publication (a crash between publishing and
+    deleting) writes nothing new.
     """
-    frames = list(read_frames(storage.read_bytes(rel)))
+    frames, damage = read_segment(storage.read_bytes(rel))
     publish_frames(storage, frames, seed=(segment_stamp(rel), rel.rsplit("/", 1)[-1]))
+    if damage:
+        return keep_damaged(storage, rel, damage)
     storage.delete(rel)
+    return None
+
+
+def recover_orphans(storage: Storage) -> list[str]:
+    """Publish every journal segment whose writer is gone; returns those kept as damaged.
+
+    Gone means its lock can be taken: a live writer, in this process or another, on this host
+    or any other, holds it (lake spec §6). A segment another recoverer is publishing is locked
+    too, and one it finished is gone: both are skipped.
+    """
+    if not storage.is_local:
+        return []
+    kept = []
+    for rel in storage.list_files(JOURNAL_DIR, suffix=SUFFIX):
+        fd = storage.lock_file(rel)
+        if fd is None:
+            continue
+        try:
+            damaged = publish_segment(storage, rel)
+        except FileNotFoundError:  # removed by a recoverer that took no lock (an older version)
+            continue
+        finally:
+            os.close(fd)
+        if damaged:
+            kept.append(damaged)
+    return kept
 
 
 def flush_left_open(writer: LakeWriter, label: str) -> None:
@@ -188,5 +285,21 @@ def flush_left_open(writer: LakeWriter, label: str) -> None:
     try:
         writer.publish()
     except Exception as exc:  # noqa: BLE001 - at exit an exception would crash the interpreter
-        where = "its journal keeps what it made durable; the next store opened on the workspace publishes it"
-        print(f"nirslake: could not publish {label} ({writer.pending} records still in memory; {where}): {exc}", file=sys.stderr)
+        fate = []
+        if writer.pending:
+            fate.append(f"{writer.pending} records not yet made durable are lost")
+        if writer.journaled:
+            fate.append("what it made durable stays in _journal/ and the next store opened on the workspace publishes it")
+        print(f"nirslake: could not publish {label} ({'; '.join(fate) or 'nothing was lost'}): {exc}", file=sys.stderr)
+
+
+def _forget_parents_in_child() -> None:
+    global _WRITERS_LOCK
+    _WRITERS_LOCK = threading.Lock()  # another thread of the parent may have held it at the fork
+    for writers in _WRITERS.values():
+        for writer in list(writers):
+            writer.forget_parent()
+
+
+os.register_at_fork(after_in_child=_forget_parents_in_child)
+
