@@ -1,12 +1,17 @@
 """The listing lease (``listing_ttl_seconds``): reads may reuse a recent listing of the lake.
 
-A reused listing is an earlier consistent state; this store's own writes are always seen; other
-writers' show up once the lease expires. Runs on a local folder and on S3 (tests/conftest.py).
+A reused listing is an earlier consistent state; what this process wrote (through this store or
+any other of the process) is always seen; other processes' writes show up once the lease expires.
+Runs on a local folder and on S3 (tests/conftest.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -61,6 +66,33 @@ def add_pipeline(store, dataset="corn", predictions=3) -> list[str]:
     return ids
 
 
+ANOTHER_WRITER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from nirslake import WorkspaceStore
+from test_store_lease import add_pipeline
+with WorkspaceStore(sys.argv[2]) as store:
+    if sys.argv[3] == "pipeline":
+        add_pipeline(store, dataset=sys.argv[4])
+        print(json.dumps({}))
+    else:  # a run, a pipeline and a chain, no prediction yet
+        run = store.begin_run("r2", {}, [{"name": "corn"}])
+        pipe = store.begin_pipeline(run, "p2", {}, {}, "corn", "h")
+        chain = store.save_chain(pipe, [], 0, "PLS", "SNV", "kfold", {}, {})
+        print(json.dumps({"pipe": pipe, "chain": chain}))
+"""
+
+
+def another_process_writes(workspace: str, *what: str) -> dict:
+    """Writes from another process (closed before this returns): a lease hides them until it expires."""
+    done = subprocess.run(
+        [sys.executable, "-c", ANOTHER_WRITER, os.path.dirname(__file__), workspace, *what],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_point_reads_within_the_lease_list_the_lake_once(workspace, clock, monkeypatch):
     with WorkspaceStore(workspace) as writer:
         ids = add_pipeline(writer, predictions=10)
@@ -89,12 +121,10 @@ def test_without_a_lease_every_read_lists(workspace, monkeypatch):
 
 
 def test_other_writers_show_up_when_the_lease_expires(workspace, clock):
-    with WorkspaceStore(workspace, listing_ttl_seconds=30) as reader, WorkspaceStore(workspace) as writer:
-        add_pipeline(writer)
-        writer.flush()
+    with WorkspaceStore(workspace, listing_ttl_seconds=30) as reader:
+        another_process_writes(workspace, "pipeline", "corn")
         assert reader.query_predictions().height == 3
-        add_pipeline(writer, dataset="wheat")
-        writer.flush()
+        another_process_writes(workspace, "pipeline", "wheat")
         clock.now += 29
         assert reader.query_predictions().height == 3  # the earlier state, whole
         assert reader.list_pipelines().height == 1
@@ -152,14 +182,11 @@ def test_the_lease_counts_from_the_start_of_the_listing(workspace, clock, monkey
 
 
 def test_a_write_finds_parents_another_writer_created_during_the_lease(workspace, clock):
-    with WorkspaceStore(workspace, listing_ttl_seconds=30) as second, WorkspaceStore(workspace) as first:
-        add_pipeline(first)
-        first.flush()
+    with WorkspaceStore(workspace, listing_ttl_seconds=30) as second:
+        another_process_writes(workspace, "pipeline", "corn")
         assert second.list_pipelines().height == 1  # takes a lease
-        run = first.begin_run("r2", {}, [{"name": "corn"}])
-        pipe = first.begin_pipeline(run, "p2", {}, {}, "corn", "h")
-        chain = first.save_chain(pipe, [], 0, "PLS", "SNV", "kfold", {}, {})
-        first.flush()
+        made = another_process_writes(workspace, "parents")
+        pipe, chain = made["pipe"], made["chain"]
         assert second.list_pipelines().height == 1  # the lease still holds for reads
         pid = second.save_prediction(pipe, chain, "corn", "PLS", "PLS", 0, "val", 0.5, 0.2, 0.3, "rmse",
                                      "regression", 4, 10, {}, {}, None, None, 0, 0.0)
@@ -196,3 +223,18 @@ def test_gc_during_a_lease_sees_chains_published_since(workspace, clock):
     finally:
         writer.close()
         collector.close()
+
+
+def test_what_another_store_of_this_process_acknowledged_ends_the_lease(workspace, clock):
+    """Issue 9 scenario 26, with a lease: one process reads what any of its stores acknowledged
+    (lake spec §6), at once, however long the lease of the reading store still runs."""
+    with WorkspaceStore(workspace, listing_ttl_seconds=30) as reader, WorkspaceStore(workspace) as writer:
+        add_pipeline(writer)
+        writer.flush()
+        assert reader.query_predictions().height == 3  # takes a lease
+        run_id = reader.list_runs()["run_id"][0]
+        writer.fail_run(run_id, "stopped")  # acknowledged: a durability point, in the journal
+        add_pipeline(writer, dataset="wheat")
+        writer.flush()
+        assert reader.get_run(run_id)["status"] == "failed"
+        assert reader.query_predictions().height == 6

@@ -21,6 +21,10 @@ STAGING_DIR = "_staging"
 LISTING_CACHE_OFF = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 
+# Location -> [count of publishes and deletes made by this process there] (``Storage.generation``).
+_CHANGES: dict[str, list[int]] = {}
+
+
 class Storage:
     """An fsspec filesystem rooted at a workspace, with publish-once writes.
 
@@ -48,9 +52,14 @@ class Storage:
         self.root = root.rstrip("/") or "/"
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.protocol = "file" if self.is_local else protocol
-        # Counts this process's publishes and deletes: a listing taken at an older count may
-        # miss what this process itself changed (the store's listing lease checks it).
-        self.generation = 0
+        # Counts this process's publishes and deletes at this location, through any Storage of it
+        # (one process reads what any of its stores wrote, lake spec §6): a listing taken at an
+        # older count may miss what this process itself changed (the store's listing lease checks it).
+        self._changes = _CHANGES.setdefault(self.url(), [0])
+
+    @property
+    def generation(self) -> int:
+        return self._changes[0]
 
     def query_fs(self):
         """A filesystem for one DuckDB connection (where httpfs does not read the workspace): its
@@ -262,7 +271,7 @@ class Storage:
         writes cannot tell, and refuses with ``ValueError``.
         """
         target = self.path(rel)
-        self.generation += 1
+        self._changes[0] += 1
         if not self.is_local:
             if overwrite:
                 self.fs.pipe_file(target, data)
@@ -314,7 +323,7 @@ class Storage:
         """Rename a local file atomically; ``replace=False`` keeps an existing target (FileExistsError)."""
         if not self.is_local:
             raise ValueError("atomic moves are made on local workspaces only")
-        self.generation += 1
+        self._changes[0] += 1
         target = self.path(to_rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if replace:
@@ -371,7 +380,7 @@ class Storage:
         return None
 
     def delete(self, rel: str) -> bool:
-        self.generation += 1
+        self._changes[0] += 1
         try:
             self.fs.rm_file(self.path(rel))
             return True
