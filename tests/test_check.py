@@ -120,6 +120,23 @@ def test_leftovers_are_listed_after_the_grace_period_and_repair_removes_them(fil
             assert store.load_artifact(artifact_id)["coef"] == [1.0, 2.0]
 
 
+def test_a_journal_segment_never_named_is_a_staging_leftover(local_workspace):
+    """A writer that crashed between creating its segment and naming it (lake spec §6) leaves an
+    empty hidden file in _journal/: a leftover once older than the grace period, never a record."""
+    with WorkspaceStore(local_workspace, grace_seconds=1) as store:
+        hidden = "_journal/host~1~abc~0661a0a5a70fe9.wal.0123abcd.tmp"
+        path = store.storage.path(hidden)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "wb").close()
+        fresh = store.check()
+        assert hidden not in fresh.leftovers["staging"]  # within the grace period: kept
+        long_ago = time.time() - 10
+        os.utime(path, (long_ago, long_ago))
+        assert store.check().leftovers["staging"] == [hidden]
+        store.check(repair=True)
+        assert not os.path.exists(path)
+
+
 def test_fresh_leftovers_are_kept_within_the_grace_period(filled):
     with WorkspaceStore(filled) as store:  # default grace: one hour
         store.compact()

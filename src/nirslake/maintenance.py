@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow as pa
 
 from . import schema as S
+from .journal import JOURNAL_DIR
 from .query import resolve
 from .storage import STAGING_DIR, Storage
 from .tables import (
@@ -43,7 +44,7 @@ def leftovers(storage: Storage, cache: FileCache, cutoff_us: int) -> dict[str, l
 
     ``superseded``: files a counting commit replaced; ``uncommitted``: compaction output no
     counting commit made visible (a crashed, losing or still running compaction);
-    ``staging``: half-written files of crashed writers. Artifact objects are left to
+    ``staging``: half-written files of crashed writers (and journal segments they never named). Artifact objects are left to
     ``gc_artifacts`` and ``check``. Ages are the storage's modification times (when a commit
     landed, when a file was written), never a writer's clock: a compactor whose clock is behind
     gets neither its replaced files deleted early nor its output taken for old.
@@ -58,8 +59,13 @@ def leftovers(storage: Storage, cache: FileCache, cutoff_us: int) -> dict[str, l
             found["superseded"].append(rel)
         elif name.startswith(COMPACT_PREFIX) and name not in added and (storage.modified_us(rel) or 0) < cutoff_us:
             found["uncommitted"].append(rel)
+    # A journal segment is created under a hidden .tmp name, then named (lake spec §6): one left
+    # unnamed by a crash holds no acknowledged record.
     found["staging"] = [
-        rel for rel in storage.list_files(STAGING_DIR, suffix=".tmp") if (storage.modified_us(rel) or 0) < cutoff_us
+        rel
+        for folder in (STAGING_DIR, JOURNAL_DIR)
+        for rel in storage.list_files(folder, suffix=".tmp")
+        if (storage.modified_us(rel) or 0) < cutoff_us
     ]
     return found
 
