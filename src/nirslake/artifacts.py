@@ -207,7 +207,7 @@ def unpublished_references(storage: Storage) -> tuple[set[str], set[str]]:
     and the paths their artifact records name. gc and ``check --repair`` keep both."""
     held: set[str] = set()
     paths: set[str] = set()
-    for table, records in unpublished_frames(storage):
+    for table, records in unpublished_frames(storage, frozenset({"chains", "artifacts"})):
         if table == "chains":
             for ids in records["artifact_ids"]:
                 held.update(ids or ())

@@ -100,10 +100,12 @@ class SegmentScan:
         else:
             self._scan(data)
 
-    def frames(self) -> Iterator[tuple[str, pa.Table | dict[str, list]]]:
+    def frames(self, names: frozenset[str] | None = None) -> Iterator[tuple[str, pa.Table | dict[str, list]]]:
+        """The decoded records, of the tables in ``names`` only when given (the rest is not decoded)."""
         for batch in self.batches:
             for name, body in batch:
-                yield _decode(name, body)
+                if names is None or name in names:
+                    yield _decode(name, body)
 
     def _scan(self, data: bytes) -> None:
         """Frame by frame; after an unreadable stretch, on from the next frame that checks out,
@@ -301,10 +303,13 @@ def damaged_segments(storage: Storage) -> list[str]:
     return storage.list_files(JOURNAL_DIR, suffix=DAMAGED_SUFFIX)
 
 
-def unpublished_frames(storage: Storage) -> Iterator[tuple[str, pa.Table | dict[str, list]]]:
+def unpublished_frames(
+    storage: Storage, names: frozenset[str] | None = None
+) -> Iterator[tuple[str, pa.Table | dict[str, list]]]:
     """(table key, records) of every whole batch in every segment under ``_journal/`` now: live
-    writers', crashed writers' and damaged ones. Read only; a segment that is published and
-    deleted while this runs is skipped. Keys are ``writer.FLUSH_ORDER`` names."""
+    writers', crashed writers' and damaged ones; of the keys in ``names`` only, when given (gc
+    needs no arrays decoded). Read only; a segment that is published and deleted while this runs
+    is skipped. Keys are ``writer.FLUSH_ORDER`` names."""
     if not storage.is_local:
         return
     for suffix in (SUFFIX, DAMAGED_SUFFIX):
@@ -313,4 +318,4 @@ def unpublished_frames(storage: Storage) -> Iterator[tuple[str, pa.Table | dict[
                 data = storage.read_bytes(rel)
             except FileNotFoundError:
                 continue
-            yield from read_frames(data)
+            yield from SegmentScan(data).frames(names)
