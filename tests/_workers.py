@@ -58,8 +58,11 @@ def chaos_artifact(tag: int) -> dict:
     return {"tag": tag, "coef": [tag + j / 4 for j in range(32)]}
 
 
-def save_pipeline(store, run_id: str, tag: int, dataset: str, artifact: dict | None, n: int | None = None):
-    """Begin a pipeline, save its chain (holding ``artifact``) and its 15 predictions with arrays.
+def save_pipeline(
+    store, run_id: str, tag: int, dataset: str, artifact: dict | None, n: int | None = None, pause: float = 0.0
+):
+    """Begin a pipeline, save its chain (holding ``artifact``) and its 15 predictions with arrays,
+    ``pause`` seconds apart (a model fitting between saves).
 
     Returns (pipeline_id, prediction ids, artifact id); the pipeline is left running.
     """
@@ -79,6 +82,8 @@ def save_pipeline(store, run_id: str, tag: int, dataset: str, artifact: dict | N
         )
         store.save_prediction_arrays(pid, y_true, y_pred)
         ids.append(pid)
+        if pause:
+            time.sleep(pause)
     return pipe, ids, aid
 
 
@@ -265,7 +270,9 @@ def chaos(workspace: str, log_path: str, seed: str, generation: str) -> None:
             tag = gen * 10_000 + n
             n += 1
             log.line(f"begin write {tag}")
-            pipe, ids, _ = save_pipeline(store, run, tag, DATASETS[tag % 3], chaos_artifact(tag))
+            # Saves a few ms apart, as between model fits: without the pause a pipeline's saves take
+            # under 2 ms, so random kills almost never land inside a write, only in maintenance.
+            pipe, ids, _ = save_pipeline(store, run, tag, DATASETS[tag % 3], chaos_artifact(tag), pause=0.002)
             if rng.random() < 0.1:
                 store.fail_pipeline(pipe, "diverged")  # its chain stops holding its model
                 word = "failed"
