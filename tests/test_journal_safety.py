@@ -405,3 +405,59 @@ def test_the_exit_message_says_what_was_lost_and_what_the_journal_keeps(local_wo
     assert done.stderr == f"nirslake: could not publish WorkspaceStore({local_workspace!r}) ({lost}{kept}): disk full\n"
     with WorkspaceStore(local_workspace) as store:
         assert sorted(store.query_predictions()["prediction_id"]) == (["0-0"] if fails == "append" else ["0-0", "1-0"])
+
+
+FORK_WHILE_A_THREAD_HOLDS_THE_STORE = """
+import os, signal, sys, threading
+from nirslake import WorkspaceStore
+
+store = WorkspaceStore(sys.argv[1])
+holding, release = threading.Event(), threading.Event()
+
+def busy():
+    with store._lock:  # a saver or a gc of the parent, mid-call at the fork
+        holding.set()
+        release.wait()
+
+threading.Thread(target=busy, daemon=True).start()
+holding.wait()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(10)  # a child stuck on the parent's lock dies of SIGALRM instead of returning 0
+    with WorkspaceStore(sys.argv[1]) as other:
+        pass
+    run = store.begin_run("child", {}, [])
+    store.fail_run(run, "done")
+    os._exit(0 if store.get_run(run)["status"] == "failed" else 3)
+_, status = os.waitpid(pid, 0)
+release.set()
+store.close()
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_child_forked_while_a_thread_holds_the_store_can_use_it(local_workspace):
+    """A fork while another thread of the parent is inside a store call: the child's copy of the
+    store must not wait forever for a lock whose holder does not exist in the child."""
+    done = _run(FORK_WHILE_A_THREAD_HOLDS_THE_STORE, local_workspace, timeout=60)
+    assert done.stdout.split() == ["0"], done.stdout + done.stderr
+
+
+def test_a_segment_that_could_not_be_created_is_not_published(local_workspace, monkeypatch):
+    """A durability point whose new segment cannot be created (disk full, no descriptor left)
+    raises; it must not leave a segment name behind that every later read, through any store of
+    the process, fails to publish. The records stay buffered and the retry makes them durable."""
+    with WorkspaceStore(local_workspace) as writer, WorkspaceStore(local_workspace) as reader:
+        run = writer.begin_run("r", {}, [])
+        real = writer.storage.open_append
+
+        def no_space(rel):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(writer.storage, "open_append", no_space)
+        with pytest.raises(OSError, match="No space left"):
+            writer.fail_run(run, "stopped")
+        assert reader.list_runs().height == 0  # nothing durable yet, and no error
+        monkeypatch.setattr(writer.storage, "open_append", real)
+        writer.fail_run(run, "stopped again")
+        assert reader.get_run(run)["status"] == "failed"

@@ -222,8 +222,11 @@ class Journal:
         pieces = encode_batch(frames)
         if self._fd is None:
             self.opened_us = CLOCK.now_us()
-            self.current = f"{JOURNAL_DIR}/{self.owner}~{self.opened_us:014x}{SUFFIX}"
-            self._fd = self.storage.open_append(self.current)  # locked before its name appears
+            rel = f"{JOURNAL_DIR}/{self.owner}~{self.opened_us:014x}{SUFFIX}"
+            # Named as current only once it exists: a failed open (disk full, no descriptor left)
+            # must not leave a segment to publish that was never created.
+            self._fd = self.storage.open_append(rel)  # locked before its name appears
+            self.current = rel
             self.bytes = 0
         total = sum(len(p) for p in pieces)
         try:

@@ -339,7 +339,7 @@ class Storage:
         The descriptor holds ``flock(LOCK_EX)`` on the file from before its name appears (it is
         created under a name no one lists, locked, then renamed), so whoever finds the file can
         tell by ``lock_file`` whether its writer still runs. The lock lasts while the descriptor
-        is open; it needs a filesystem whose locks work (local disks, NFSv4).
+        is open; it needs a local filesystem (network filesystems emulate or drop flock).
         """
         if not self.is_local:
             raise ValueError("append-only files are kept on local workspaces only")
@@ -360,7 +360,8 @@ class Storage:
 
     def lock_file(self, rel: str) -> int | None:
         """A descriptor holding ``flock(LOCK_EX)`` on the local file at ``rel``, or None when its
-        lock is held elsewhere or the file is gone (then or while the lock was taken)."""
+        lock is held elsewhere, the file is gone (then or while the lock was taken), or the
+        filesystem refuses the lock: a writer not proven gone is taken for alive."""
         path = self.path(rel)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -371,7 +372,7 @@ class Storage:
             held, now = os.fstat(fd), os.stat(path)
             if held.st_nlink and (held.st_ino, held.st_dev) == (now.st_ino, now.st_dev):
                 return fd
-        except (BlockingIOError, FileNotFoundError):
+        except OSError:  # held (EWOULDBLOCK), gone, or no flock here (NFS's emulation: EBADF)
             pass
         except BaseException:
             os.close(fd)

@@ -254,6 +254,20 @@ class _Recent(OrderedDict):
             self.popitem(last=False)
 
 
+# Every store of this process: a forked child gives each fresh locks, since a thread of the
+# parent that held one at the fork does not exist in the child and would never release it.
+_STORES: weakref.WeakSet[WorkspaceStore] = weakref.WeakSet()
+
+
+def _fresh_locks_in_child() -> None:
+    for store in list(_STORES):
+        store._lock = threading.RLock()
+        store._cache.after_fork()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_in_child)
+
+
 class WorkspaceStore:
     """The workspace store of nirs4all, kept as an open lake.
 
@@ -327,6 +341,7 @@ class WorkspaceStore:
         self._init_workspace()
         # A store dropped or left open at exit still writes what it buffered (never silently lost).
         self._finalizer = weakref.finalize(self, flush_left_open, self._writer, repr(self))
+        _STORES.add(self)
 
     # ------------------------------------------------------------------ lifetime
     @property

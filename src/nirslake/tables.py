@@ -55,6 +55,8 @@ class Clock:
 
 
 CLOCK = Clock()
+# A thread of the parent may hold the clock's lock at a fork; the child's copy would stay locked.
+os.register_at_fork(after_in_child=lambda: setattr(CLOCK, "_lock", threading.Lock()))
 
 
 def new_id() -> str:
@@ -207,6 +209,10 @@ class FileCache:
         self._ranges: dict[str, list[tuple]] = {}
         self.commit_memo: tuple = (None, None)  # (commit file names, their commit state)
         self._swept_for: tuple[str, ...] | None = None  # the commit files forget_replaced last ran for
+        self._lock = threading.Lock()
+
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock (a thread of the parent may have held this one)."""
         self._lock = threading.Lock()
 
     def read(self, storage: Storage, rel: str, schema: pa.Schema) -> pa.Table:
