@@ -499,12 +499,3 @@ def read_files(
     if not rels:
         return tdef.schema.empty_table()
     return pa.concat_tables(cache.read_many(storage, rels, tdef.schema, sizes))
-
-
-def file_stamp(name: str) -> int:
-    """The µs stamp in a data file's name (``part-<14 hex>-...``, ``compact-<14 hex>-...``)."""
-    stem = name.split("-", 1)[1] if "-" in name else ""
-    try:
-        return int(stem.split("-", 1)[0], 16)
-    except ValueError:
-        return 0
