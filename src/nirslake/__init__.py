@@ -6,7 +6,7 @@ views and polars helpers. Start with ``WorkspaceStore(path_or_url)``.
 
 __version__ = "0.1.0"
 
-from .artifacts import ArtifactIntegrityError  # noqa: E402
+from .lake.artifacts import ArtifactIntegrityError  # noqa: E402
 from .protocol import WorkspaceStoreProtocol  # noqa: E402
 from .store import WorkspaceStore  # noqa: E402
 

@@ -1,5 +1,7 @@
-"""``WorkspaceStore``: the nirs4all store API over the lake (docs/lake-spec.md).
+"""``WorkspaceStore``: the nirs4all store API over the lake (docs/lake-spec.md), as a facade.
 
+Each method checks its arguments (``api.validation``), builds its record (``api.records``) and hands
+the work to its owner: the lake writer, the reads (``api.reads``), exports, replay, gc, maintenance.
 Writes buffer in memory, become durable in the writer's journal at each durability point and
 are published as immutable Parquet files in bulk; reads publish first, then apply the lake's
 read rules, so a process always sees its own writes.
@@ -7,17 +9,11 @@ read rules, so a process always sees its own writes.
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
-import re
 import threading
-import time
 import warnings
 import weakref
-import zipfile
-from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -25,27 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from . import __version__, catalog
-from . import artifacts as art
-from . import schema as S
-from .arrays import ARRAY_FIELDS, check_arrays, to_numpy
-from .query import _ENTITY_DELETIONS, Deleted, resolve, resolve_one, top_k
-from .storage import Storage
-from .tables import (
-    CLOCK,
-    FileCache,
-    Snapshot,
-    lookup,
-    new_id,
-    read_files,
-    schema_file,
-    take_snapshot,
-    to_parquet_bytes,
-)
-from .writer import (
+from .api import exports, gc, records
+from .api import validation as V
+from .api.reads import LakeReads, Recent, filter_exprs, leasable, log_summary, public
+from .api.replay import replay_chain
+from .lake import artifacts as art
+from .lake import schema as S
+from .lake.storage import Storage
+from .lake.tables import CLOCK, new_id, schema_file, to_parquet_bytes
+from .lake.writer import (
     DEFAULT_FLUSH_BYTES,
     DEFAULT_FLUSH_ROWS,
     DEFAULT_FLUSH_SECONDS,
@@ -53,206 +38,16 @@ from .writer import (
     flush_left_open,
     recover_orphans,
 )
+from .query import catalog, top_k
 
 if TYPE_CHECKING:
-    from .check import CheckReport
-    from .maintenance import CompactionResult
+    from .lake.check import CheckReport
+    from .lake.maintenance import CompactionResult
 
 # How long gc_artifacts and vacuum leave alone what another writer or reader may still use.
 DEFAULT_GRACE_SECONDS = 3600.0
 
-# Limits on one call's values (docs/bad-input.md). Far above real use, so they only stop a
-# mistake (a spectra matrix passed as a config, a file's text as a name) at the call, before it
-# bloats every later read of the table; checked before any conversion.
-MAX_NAME_CHARS = 65_536  # one name, class, label or id
-MAX_JSON_CHARS = 8 * 1024 * 1024  # one JSON field (config, scores, ...; ASCII, so also bytes) or free text (error, message)
-MAX_ARRAY_VALUES = 2**24  # one per-sample array (y_proba counts samples x classes): 128 MiB of float64
-
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-# polars counts rows in 32 bits: no frame holds more, so a larger limit, offset or n means the same.
-MAX_ROWS = 2**32 - 1
-
-_PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "branch_id", "pipeline_id", "run_id")
-
-
-def _json(value: Any, field: str) -> str | None:
-    """Strict JSON: NaN and infinities become null (Python's json would write invalid ``NaN``)."""
-    if value is None:
-        return None
-    if not value and isinstance(value, (dict, list)):
-        return "{}" if isinstance(value, dict) else "[]"
-    try:
-        try:
-            text = json.dumps(value, default=_json_default, allow_nan=False)
-        except ValueError as exc:  # a NaN or infinity somewhere: rare, so only then walk the value
-            if "ircular" in str(exc):  # a value that contains itself: walking it would never end
-                raise
-            text = json.dumps(_finite(value), default=_json_default, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise TypeError(f"{field} must be JSON-serialisable: {exc}") from None
-    return _sized(field, text, MAX_JSON_CHARS)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.floating):
-        return _finite(float(value))
-    if isinstance(value, np.ndarray):
-        return _finite(value.tolist())
-    return value
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (datetime, Path)):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def _unjson(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
-
-
-def _opt_float(name: str, value: Any) -> float | None:
-    """A float, or None; NaN is stored as null so it ranks last (infinities are kept)."""
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes, bool, np.bool_)):
-        raise TypeError(f"{name} must be a number or None, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number or None, got {value!r}") from None
-    except OverflowError:  # an integer beyond float64 (10**400): not an infinity, so not kept as one
-        raise ValueError(f"{name} is out of range for a 64-bit float: an integer of {len(str(abs(int(value))))} digits") from None
-    return None if math.isnan(number) else number
-
-
-def _opt_int(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
-        raise TypeError(f"{name} must be an integer or None, got {value!r}")
-    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
-        raise TypeError(f"{name} must be an integer or None, got {value!r}")
-    number = int(value)
-    if not -(2**63) <= number < 2**63:  # caught here, not when the journal is published
-        raise ValueError(f"{name} is out of range for a 64-bit integer: {number}")
-    return number
-
-
-def _count(name: str, value: Any, allow_none: bool = False) -> int | None:
-    """A limit or offset: a non-negative integer (or None where allowed)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a non-negative integer{' or None' if allow_none else ''}, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return min(int(value), MAX_ROWS)
-
-
-def _fold_id(value: Any) -> str | None:
-    """Fold ids are stored as text: ``0`` and ``"0"`` are one fold."""
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, np.integer)):
-        raise TypeError(f"fold_id must be a string or an integer, got {type(value).__name__}")
-    return _text("fold_id", str(value))
-
-
-def _array_size(name: str, value: Any) -> None:
-    """Refuse an array of more than ``MAX_ARRAY_VALUES`` values, from its shape or length alone."""
-    shape = getattr(value, "shape", None)
-    try:
-        size = math.prod(shape) if isinstance(shape, tuple) else len(value)
-    except TypeError:  # None, a scalar, an iterator: check_arrays says what is wrong with it
-        return
-    if size > MAX_ARRAY_VALUES:
-        raise ValueError(f"{name} is too large: {size:,} values (the limit is {MAX_ARRAY_VALUES:,})")
-
-
-def _mapping(name: str, value: Any) -> dict | None:
-    if value is not None and not isinstance(value, dict):
-        raise TypeError(f"{name} must be a dict or None, got {type(value).__name__}")
-    return value
-
-
-def _leasable(method: Callable) -> Callable:
-    """Marks a read that may reuse the listing lease (``listing_ttl_seconds``). Every other call
-    lists afresh: a write must not look for its parents, nor gc or check for references, in an
-    old listing, and artifact bytes are not kept for a grace period as data files are."""
-
-    @functools.wraps(method)
-    def read(self: WorkspaceStore, *args: Any, **kwargs: Any) -> Any:
-        scope = self._lease_scope
-        if not self._listing_ttl or getattr(scope, "on", False):
-            return method(self, *args, **kwargs)
-        scope.on = True
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            scope.on = False
-
-    return read
-
-
-def _text(name: str, value: Any, allow_none: bool = True) -> str | None:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
-    return _sized(name, value, MAX_NAME_CHARS)
-
-
-def _free_text(name: str, value: Any) -> str | None:
-    """Text callers may pass as any object (an exception as ``error``): kept as ``str(value)``."""
-    return None if value is None else _sized(name, str(value), MAX_JSON_CHARS)
-
-
-def _sized(name: str, text: str, limit: int) -> str:
-    """``text`` if it fits ``limit`` characters and Parquet can store it (UTF-8)."""
-    if len(text) > limit:
-        raise ValueError(f"{name} is too large: {len(text):,} characters (the limit is {limit:,})")
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a file name that is not UTF-8
-            raise ValueError(
-                f"{name} is not valid Unicode text ({exc.reason} at position {exc.start}); Parquet stores UTF-8"
-            ) from None
-    return text
-
-
-def _with_suffix(output_path: str | os.PathLike, suffix: str) -> Path:
-    path = Path(output_path)
-    return path if path.suffix else path.with_suffix(suffix)
-
-
-class _Recent(OrderedDict):
-    """A dict of the most recently set entries only: what this process wrote lately, so hot-path
-    writes find their parent without a lake read while memory does not grow with the workspace.
-    A key that fell out is looked up in the lake again."""
-
-    def __init__(self, limit: int):
-        super().__init__()
-        self.limit = limit
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        if len(self) > self.limit:
-            self.popitem(last=False)
-
 
 # Every store of this process: a forked child gives each fresh locks, since a thread of the
 # parent that held one at the fork does not exist in the child and would never release it.
@@ -262,7 +57,7 @@ _STORES: weakref.WeakSet[WorkspaceStore] = weakref.WeakSet()
 def _fresh_locks_in_child() -> None:
     for store in list(_STORES):
         store._lock = threading.RLock()
-        store._cache.after_fork()
+        store._reads.cache.after_fork()
 
 
 os.register_at_fork(after_in_child=_fresh_locks_in_child)
@@ -302,40 +97,20 @@ class WorkspaceStore:
         fsync: bool = False,
         listing_ttl_seconds: float = 0.0,
     ) -> None:
-        for name, value in (("grace_seconds", grace_seconds), ("flush_seconds", flush_seconds)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name, value in (("flush_bytes", flush_bytes), ("flush_rows", flush_rows)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        ttl = listing_ttl_seconds
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl < 0:
-            raise ValueError(f"listing_ttl_seconds must be a finite number >= 0, got {ttl!r}")
-        if ttl > grace_seconds / 2:
-            raise ValueError(
-                f"listing_ttl_seconds ({ttl}) must be at most half of grace_seconds ({grace_seconds}): a listing "
-                "kept longer could name files that vacuum has since deleted"
-            )
+        V.store_options(flush_bytes, flush_rows, grace_seconds, flush_seconds, listing_ttl_seconds)
         self._storage = Storage(workspace_path, storage_options, fsync=fsync)
-        self._listing_ttl = float(listing_ttl_seconds)
-        self._leases: dict[tuple[str, ...] | None, tuple[float, int, Snapshot]] = {}
-        self._lease_scope = threading.local()  # .on while a read that may use a lease runs
         self._workspace_path: Path | str = (
             Path(self._storage.root) if self._storage.is_local else os.fspath(workspace_path)
         )
         self._lock = threading.RLock()
-        self._cache = FileCache()
-        # Resolved tables by (table, dataset, visible files, deletion files): files never
-        # change, so an entry is valid exactly while that file list is.
-        self._resolved: dict[tuple, pl.DataFrame] = {}
-        self._deleted: tuple[tuple[str, ...] | None, Deleted | None] = (None, None)
+        self._reads = LakeReads(self._storage, listing_ttl_seconds, self._publish_for_read)
         self._writer = LakeWriter(self._storage, flush_bytes, flush_rows, flush_seconds)
         self._grace_us = int(grace_seconds * 1e6)
         # What this process wrote, so hot-path writes never scan the lake to find a parent.
-        self._known_runs: _Recent = _Recent(1_000)
-        self._known_pipelines: _Recent = _Recent(10_000)
-        self._known_chains: _Recent = _Recent(10_000)  # id -> pipeline_id
-        self._known_predictions: _Recent = _Recent(100_000)  # id -> (run_id, dataset_name, created µs)
+        self._known_runs: Recent = Recent(1_000)
+        self._known_pipelines: Recent = Recent(10_000)
+        self._known_chains: Recent = Recent(10_000)  # id -> pipeline_id
+        self._known_predictions: Recent = Recent(100_000)  # id -> (run_id, dataset_name, created µs)
         self._known_artifacts: set[str] = set()
         self._closed = False
         self._init_workspace()
@@ -405,103 +180,24 @@ class WorkspaceStore:
     def _buffer(self, table: str, row: dict) -> None:
         self._writer.add(table, row)
 
-    # ------------------------------------------------------------------ reading
     def _publish_for_read(self) -> None:
         """Publish this store's writes and what other stores of this process acknowledged: one
         process reads what any of its stores acknowledged (lake spec §6)."""
         self._publish()
         self._writer.publish_process_writers()
 
-    def _snapshot(self, publish: bool = True, tables: tuple[str, ...] | None = None) -> Snapshot:
-        """Publish this process's writes, then list the lake once for the reads of one call."""
-        if publish:
-            self._publish_for_read()
-        snap = self._leased_snapshot(tables)
-        if snap is None:
-            # The lease counts from before the listing: the state it shows is that old.
-            started, generation = time.monotonic(), self._storage.generation
-            snap = take_snapshot(self._storage, self._cache, tables if tables is None else (*tables, "deletions"))
-            if self._listing_ttl:
-                self._leases[tables] = (started, generation, snap)
-        deletion_rels = tuple(snap.table_files(S.DELETIONS))
-        if self._deleted[0] != deletion_rels:
-            table = read_files(self._storage, S.DELETIONS, self._cache, list(deletion_rels))
-            self._deleted = (deletion_rels, Deleted.from_table(table))
-        return snap
-
-    def _leased_snapshot(self, tables: tuple[str, ...] | None) -> Snapshot | None:
-        """A listing taken less than ``listing_ttl_seconds`` ago, with no write of ours since,
-        for the reads marked ``@_leasable`` only."""
-        if not self._listing_ttl or not getattr(self._lease_scope, "on", False):
-            return None
-        for key in (tables, None):  # a listing of every table serves a read of a few
-            lease = self._leases.get(key)
-            if (
-                lease is not None
-                and lease[1] == self._storage.generation
-                and time.monotonic() - lease[0] < self._listing_ttl
-            ):
-                return lease[2]
-        return None
-
-    def _frame(self, tdef: S.TableDef, dataset_name: str | None = None, snap: Snapshot | None = None) -> pl.LazyFrame:
-        """The table's current rows (read rules applied), after publishing this process's writes.
-
-        The resolved table is cached until a file of the table, or a deletion, comes or goes.
-        """
-        snap = snap or self._snapshot()
-        part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
-        rels = snap.table_files(tdef, part)
-        deletion_rels = snap.table_files(S.DELETIONS)
-        cache_key = (tdef.name, dataset_name, tuple(rels), tuple(deletion_rels))
-        if cache_key in self._resolved:
-            return self._resolved[cache_key].lazy()
-        deletions = pl.from_arrow(read_files(self._storage, S.DELETIONS, self._cache, deletion_rels)).lazy()
-        raw = pl.from_arrow(read_files(self._storage, tdef, self._cache, rels))
-        # Most tables hold each key once (a sweep rarely re-saves): then there is no version to pick.
-        keys_unique = tdef.version_column is not None and raw[tdef.key].n_unique() == raw.height
-        frame = raw.lazy()
-        if part is not ...:
-            frame = frame.filter(pl.col("dataset_name") == dataset_name)
-        resolved = resolve(frame, tdef, deletions, keys_unique).collect()
-        self._resolved = {k: v for k, v in self._resolved.items() if k[:2] != cache_key[:2]}
-        self._resolved[cache_key] = resolved
-        return resolved.lazy()
-
-    def _row(
-        self, tdef: S.TableDef, key: str, dataset_name: str | None = None, snap: Snapshot | None = None
-    ) -> dict | None:
-        """The current row of one key, found through per-file key positions (or row-group
-        statistics for arrays) instead of a scan."""
-        snap = snap or self._snapshot()
-        part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
-        rels = snap.table_files(tdef, part)
-        if tdef.row_group_rows:
-            rows = lookup(self._storage, tdef, self._cache, rels, {key})
-        else:
-            pieces = []
-            for rel in rels:
-                positions = self._cache.positions(self._storage, rel, tdef).get(key)
-                if positions:
-                    pieces.append(self._cache.read(self._storage, rel, tdef.schema).take(positions))
-            rows = pa.concat_tables(pieces) if pieces else tdef.schema.empty_table()
-        _observe_stamps(rows, tdef, self._deleted[1], key)
-        return resolve_one(rows, tdef, self._deleted[1])
-
-    def _public(self, frame: pl.DataFrame) -> pl.DataFrame:
-        return frame.drop([c for c in ("_version", "artifact_ids") if c in frame.columns])
-
+    # ------------------------------------------------------------------ parents of a write
     def _require_run(self, run_id: str) -> dict:
-        _text("run_id", run_id, allow_none=False)
-        row = self._known_runs.get(run_id) or self._row(S.RUNS, run_id)
+        V.text("run_id", run_id, allow_none=False)
+        row = self._known_runs.get(run_id) or self._reads.row(S.RUNS, run_id)
         if row is None:
             raise KeyError(f"unknown run_id {run_id!r}")
         self._known_runs[run_id] = row
         return row
 
     def _require_pipeline(self, pipeline_id: str) -> dict:
-        _text("pipeline_id", pipeline_id, allow_none=False)
-        row = self._known_pipelines.get(pipeline_id) or self._row(S.PIPELINES, pipeline_id)
+        V.text("pipeline_id", pipeline_id, allow_none=False)
+        row = self._known_pipelines.get(pipeline_id) or self._reads.row(S.PIPELINES, pipeline_id)
         if row is None:
             raise KeyError(f"unknown pipeline_id {pipeline_id!r}")
         self._known_pipelines[pipeline_id] = row
@@ -511,7 +207,7 @@ class WorkspaceStore:
         """A prediction's chain exists and is one of its pipeline's."""
         owner = self._known_chains.get(chain_id)
         if owner is None:
-            row = self._row(S.CHAINS, chain_id)
+            row = self._reads.row(S.CHAINS, chain_id)
             if row is None:
                 raise KeyError(f"unknown chain_id {chain_id!r}")
             owner = self._known_chains[chain_id] = row["pipeline_id"]
@@ -520,37 +216,36 @@ class WorkspaceStore:
 
     def _prediction_owner(self, prediction_id: str) -> tuple[str, str, int] | None:
         """(run_id, dataset_name, created µs) of a prediction; looked up without flushing, then remembered."""
-        _text("prediction_id", prediction_id, allow_none=False)
+        V.text("prediction_id", prediction_id, allow_none=False)
         owner = self._known_predictions.get(prediction_id)
         if owner is None:
-            row = self._row(S.PREDICTIONS, prediction_id, snap=self._snapshot(publish=False, tables=("predictions",)))
+            snap = self._reads.snapshot(publish=False, tables=("predictions",))
+            row = self._reads.row(S.PREDICTIONS, prediction_id, snap=snap)
             if row is None:
                 return None
             created = (row["created_at"] - _EPOCH) // timedelta(microseconds=1)
             owner = self._known_predictions[prediction_id] = (row["run_id"], row["dataset_name"], created)
         return owner
 
+    def _get(self, tdef: S.TableDef, key: str, json_fields: tuple[str, ...], drop: str) -> dict | None:
+        """One current row with its JSON fields decoded (for get_run, get_pipeline, get_chain)."""
+        V.text(tdef.key, key, allow_none=False)
+        with self._lock:
+            self._check_open()
+            row = self._reads.row(tdef, key)
+        if row is None:
+            return None
+        row.pop(drop, None)
+        return records.decoded(row, json_fields)
+
     # ------------------------------------------------------------------ runs
     def begin_run(self, name: str, config: Any, datasets: list[dict]) -> str:
         """Start a run over ``datasets``; returns its new id. Status ``running``."""
         with self._lock:
             self._check_open()
-            _text("name", name, allow_none=False)
-            if not isinstance(datasets, (list, tuple)):
-                raise TypeError(f"datasets must be a list of dicts, got {type(datasets).__name__}")
-            now = CLOCK.now_us()
-            row = {
-                "run_id": new_id(),
-                "name": name,
-                "config": _json(config, "config"),
-                "datasets": _json(list(datasets), "datasets"),
-                "status": "running",
-                "created_at": now,
-                "completed_at": None,
-                "summary": None,
-                "error": None,
-                "_version": now,
-            }
+            V.text("name", name, allow_none=False)
+            V.dict_list("datasets", datasets)
+            row = records.run_row(name, config, datasets)
             self._known_runs[row["run_id"]] = row
             self._buffer("runs", row)
             return row["run_id"]
@@ -562,50 +257,38 @@ class WorkspaceStore:
             require, known = (
                 (self._require_run, self._known_runs) if table == "runs" else (self._require_pipeline, self._known_pipelines)
             )
-            row = dict(require(key))
-            now = CLOCK.now_us()
-            row.update(changes, completed_at=now, _version=now)
-            known[key] = row
+            row = known[key] = records.next_version(require(key), changes)
             self._buffer(table, row)
             self._writer.commit()
 
     def complete_run(self, run_id: str, summary: dict) -> None:
         """Mark the run ``completed`` with its summary: a durability point."""
-        self._finish("runs", run_id, status="completed", summary=_json(summary, "summary"))
+        self._finish("runs", run_id, status="completed", summary=V.json_field(summary, "summary"))
 
     def fail_run(self, run_id: str, error: str) -> None:
         """Mark the run ``failed`` and keep ``error``: a durability point."""
-        self._finish("runs", run_id, status="failed", error=_free_text("error", error))
+        self._finish("runs", run_id, status="failed", error=V.free_text("error", error))
 
-    @_leasable
+    @leasable
     def get_run(self, run_id: str) -> dict | None:
         """The run as a dict (JSON fields decoded), or None."""
-        _text("run_id", run_id, allow_none=False)
-        with self._lock:
-            self._check_open()
-            row = self._row(S.RUNS, run_id)
-        if row is None:
-            return None
-        row.pop("_version", None)
-        for key in ("config", "datasets", "summary"):
-            row[key] = _unjson(row[key])
-        return row
+        return self._get(S.RUNS, run_id, records.RUN_JSON, drop="_version")
 
-    @_leasable
+    @leasable
     def list_runs(self, status: str | None = None, dataset: str | None = None, limit: int = 100, offset: int = 0) -> pl.DataFrame:
         """Runs, newest first, optionally by status and by a dataset name they mention."""
-        _text("status", status)
-        _text("dataset", dataset)
-        limit, offset = _count("limit", limit, allow_none=True), _count("offset", offset)
+        V.text("status", status)
+        V.text("dataset", dataset)
+        limit, offset = V.count("limit", limit, allow_none=True), V.count("offset", offset)
         with self._lock:
             self._check_open()
-            frame = self._frame(S.RUNS)
+            frame = self._reads.frame(S.RUNS)
         if status is not None:
             frame = frame.filter(pl.col("status") == status)
         if dataset is not None:
             frame = frame.filter(pl.col("datasets").str.contains(json.dumps(dataset), literal=True))
         frame = frame.sort(["created_at", "run_id"], descending=True).slice(offset, limit)
-        return self._public(frame.collect())
+        return public(frame.collect())
 
     # ------------------------------------------------------------------ pipelines
     def begin_pipeline(
@@ -621,26 +304,8 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             self._require_run(run_id)
-            _text("dataset_name", dataset_name, allow_none=False)
-            now = CLOCK.now_us()
-            row = {
-                "pipeline_id": new_id(),
-                "run_id": run_id,
-                "name": _text("name", name),
-                "expanded_config": _json(expanded_config, "expanded_config"),
-                "generator_choices": _json(generator_choices, "generator_choices"),
-                "dataset_name": dataset_name,
-                "dataset_hash": _free_text("dataset_hash", dataset_hash),
-                "status": "running",
-                "created_at": now,
-                "completed_at": None,
-                "best_val": None,
-                "best_test": None,
-                "metric": None,
-                "duration_ms": None,
-                "error": None,
-                "_version": now,
-            }
+            V.text("dataset_name", dataset_name, allow_none=False)
+            row = records.pipeline_row(run_id, name, expanded_config, generator_choices, dataset_name, dataset_hash)
             self._known_pipelines[row["pipeline_id"]] = row
             self._buffer("pipelines", row)
             return row["pipeline_id"]
@@ -651,43 +316,34 @@ class WorkspaceStore:
             "pipelines",
             pipeline_id,
             status="completed",
-            best_val=_opt_float("best_val", best_val),
-            best_test=_opt_float("best_test", best_test),
-            metric=_text("metric", metric),
-            duration_ms=_opt_int("duration_ms", duration_ms),
+            best_val=V.opt_float("best_val", best_val),
+            best_test=V.opt_float("best_test", best_test),
+            metric=V.text("metric", metric),
+            duration_ms=V.opt_int("duration_ms", duration_ms),
         )
 
     def fail_pipeline(self, pipeline_id: str, error: str) -> None:
         """Mark the pipeline ``failed``: its chains stop holding artifacts. A durability point."""
-        self._finish("pipelines", pipeline_id, status="failed", error=_free_text("error", error))
+        self._finish("pipelines", pipeline_id, status="failed", error=V.free_text("error", error))
 
-    @_leasable
+    @leasable
     def get_pipeline(self, pipeline_id: str) -> dict | None:
         """The pipeline as a dict (JSON fields decoded), or None."""
-        _text("pipeline_id", pipeline_id, allow_none=False)
-        with self._lock:
-            self._check_open()
-            row = self._row(S.PIPELINES, pipeline_id)
-        if row is None:
-            return None
-        row.pop("_version", None)
-        for key in ("expanded_config", "generator_choices"):
-            row[key] = _unjson(row[key])
-        return row
+        return self._get(S.PIPELINES, pipeline_id, records.PIPELINE_JSON, drop="_version")
 
-    @_leasable
+    @leasable
     def list_pipelines(self, run_id: str | None = None, dataset_name: str | None = None) -> pl.DataFrame:
         """Pipelines, newest first, optionally of one run and/or one dataset."""
-        _text("run_id", run_id)
-        _text("dataset_name", dataset_name)
+        V.text("run_id", run_id)
+        V.text("dataset_name", dataset_name)
         with self._lock:
             self._check_open()
-            frame = self._frame(S.PIPELINES)
+            frame = self._reads.frame(S.PIPELINES)
         if run_id is not None:
             frame = frame.filter(pl.col("run_id") == run_id)
         if dataset_name is not None:
             frame = frame.filter(pl.col("dataset_name") == dataset_name)
-        return self._public(frame.sort(["created_at", "pipeline_id"], descending=True).collect())
+        return public(frame.sort(["created_at", "pipeline_id"], descending=True).collect())
 
     # ------------------------------------------------------------------ chains
     def save_chain(
@@ -707,60 +363,32 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             pipeline = self._require_pipeline(pipeline_id)
-            if not isinstance(steps, (list, tuple)):
-                raise TypeError(f"steps must be a list of dicts, got {type(steps).__name__}")
-            fold_artifacts, shared_artifacts = _artifact_maps(fold_artifacts, shared_artifacts)
-            held = set(fold_artifacts.values())
-            for ids in shared_artifacts.values():
-                held.update(ids)
-            for i, step in enumerate(steps):
-                if isinstance(step, dict) and step.get("artifact_id") is not None:
-                    held.add(_text(f"steps[{i}]['artifact_id']", str(step["artifact_id"])))
-            held.discard(None)
+            V.dict_list("steps", steps)
+            fold_artifacts, shared_artifacts = V.artifact_maps(fold_artifacts, shared_artifacts)
+            held = records.held_artifacts(steps, fold_artifacts, shared_artifacts)
             if self._storage.is_local:
                 art.refresh_objects(self._storage, map(str, held))
-            row = {
-                "chain_id": new_id(),
-                "pipeline_id": pipeline_id,
-                "run_id": pipeline["run_id"],
-                "steps": _json(list(steps), "steps"),
-                "model_step_idx": _opt_int("model_step_idx", model_step_idx),
-                "model_class": _text("model_class", model_class),
-                "preprocessings": _text("preprocessings", preprocessings),
-                "fold_strategy": _free_text("fold_strategy", fold_strategy),
-                "fold_artifacts": _json(fold_artifacts, "fold_artifacts"),
-                "shared_artifacts": _json(shared_artifacts, "shared_artifacts"),
-                "branch_path": _json(branch_path, "branch_path"),
-                "source_index": _opt_int("source_index", source_index),
-                "artifact_ids": sorted(held),
-                "created_at": CLOCK.now_us(),
-            }
+            row = records.chain_row(
+                pipeline, steps, model_step_idx, model_class, preprocessings, fold_strategy,
+                fold_artifacts, shared_artifacts, branch_path, source_index, held,
+            )
             self._known_chains[row["chain_id"]] = pipeline_id
             self._buffer("chains", row)
             return row["chain_id"]
 
-    @_leasable
+    @leasable
     def get_chain(self, chain_id: str) -> dict | None:
         """The chain as a dict (steps, fold_artifacts, shared_artifacts, branch_path decoded), or None."""
-        _text("chain_id", chain_id, allow_none=False)
-        with self._lock:
-            self._check_open()
-            row = self._row(S.CHAINS, chain_id)
-        if row is None:
-            return None
-        row.pop("artifact_ids", None)
-        for key in ("steps", "fold_artifacts", "shared_artifacts", "branch_path"):
-            row[key] = _unjson(row[key])
-        return row
+        return self._get(S.CHAINS, chain_id, records.CHAIN_JSON, drop="artifact_ids")
 
-    @_leasable
+    @leasable
     def get_chains_for_pipeline(self, pipeline_id: str) -> pl.DataFrame:
         """The pipeline's chains, in creation order."""
-        _text("pipeline_id", pipeline_id, allow_none=False)
+        V.text("pipeline_id", pipeline_id, allow_none=False)
         with self._lock:
             self._check_open()
-            frame = self._frame(S.CHAINS).filter(pl.col("pipeline_id") == pipeline_id)
-            return self._public(frame.sort(["created_at", "chain_id"]).collect())
+            frame = self._reads.frame(S.CHAINS).filter(pl.col("pipeline_id") == pipeline_id)
+            return public(frame.sort(["created_at", "chain_id"]).collect())
 
     # ------------------------------------------------------------------ predictions
     def save_prediction(
@@ -789,16 +417,17 @@ class WorkspaceStore:
         prediction_id: str | None = None,
     ) -> str:
         """Add one prediction record (every call adds one); returns its id."""
+        fields = dict(locals())
         with self._lock:
             self._check_open()
             pipeline = self._require_pipeline(pipeline_id)
-            _text("dataset_name", dataset_name, allow_none=False)
+            V.text("dataset_name", dataset_name, allow_none=False)
             if chain_id is not None:
-                self._require_chain(_text("chain_id", chain_id), pipeline_id)
+                self._require_chain(V.text("chain_id", chain_id), pipeline_id)
             if prediction_id is None:
                 pid = new_id()
             else:
-                pid = _text("prediction_id", prediction_id, allow_none=False)
+                pid = V.text("prediction_id", prediction_id, allow_none=False)
                 if not pid:
                     raise ValueError("prediction_id must not be empty")
                 owner = self._prediction_owner(pid)
@@ -808,32 +437,7 @@ class WorkspaceStore:
                         f"prediction_id {pid!r} already belongs to dataset {owner[1]!r}; "
                         f"it cannot be saved again under {dataset_name!r} (delete it first)"
                     )
-            row = {
-                "prediction_id": pid,
-                "pipeline_id": pipeline_id,
-                "chain_id": _text("chain_id", chain_id),
-                "run_id": pipeline["run_id"],
-                "dataset_name": dataset_name,
-                "model_name": _text("model_name", model_name),
-                "model_class": _text("model_class", model_class),
-                "fold_id": _fold_id(fold_id),
-                "partition": _text("partition", partition),
-                "val_score": _opt_float("val_score", val_score),
-                "test_score": _opt_float("test_score", test_score),
-                "train_score": _opt_float("train_score", train_score),
-                "metric": _text("metric", metric),
-                "task_type": _text("task_type", task_type),
-                "n_samples": _opt_int("n_samples", n_samples),
-                "n_features": _opt_int("n_features", n_features),
-                "scores": _json(_mapping("scores", scores), "scores"),
-                "best_params": _json(_mapping("best_params", best_params), "best_params"),
-                "branch_id": _opt_int("branch_id", branch_id),
-                "branch_name": _text("branch_name", branch_name),
-                "exclusion_count": _opt_int("exclusion_count", exclusion_count),
-                "exclusion_rate": _opt_float("exclusion_rate", exclusion_rate),
-                "preprocessings": _text("preprocessings", preprocessings) or "",
-                "created_at": CLOCK.now_us(),
-            }
+            row = records.prediction_row(pid, pipeline, chain_id, dataset_name, fields)
             self._known_predictions[pid] = (pipeline["run_id"], dataset_name, row["created_at"])
             self._buffer("predictions", row)
             return pid
@@ -854,7 +458,7 @@ class WorkspaceStore:
             # Arrays of a deleted prediction would never show (lake spec §5.4): a remembered owner
             # that a deletion this store has read since may hide is looked up again (another
             # process may have saved it anew). A deletion not read yet is left to the read rules.
-            deleted = self._deleted[1]
+            deleted = self._reads.deleted[1]
             if (
                 owner is not None
                 and deleted is not None
@@ -868,43 +472,28 @@ class WorkspaceStore:
             if owner is None:
                 raise KeyError(f"unknown prediction_id {prediction_id!r}")
             given = {"y_true": y_true, "y_pred": y_pred, "y_proba": y_proba, "sample_indices": sample_indices, "weights": weights}
-            for field, value in given.items():  # before converting: an oversized view costs nothing yet
-                _array_size(field, value)
-            arrays = check_arrays(**given)
-            for field, value in arrays.items():  # nested lists only show their full size once converted
-                _array_size(field, value)
-            self._writer.add_arrays(
-                {"prediction_id": prediction_id, "run_id": owner[0], "dataset_name": owner[1], "_version": CLOCK.now_us(), **arrays}
-            )
+            self._writer.add_arrays(records.arrays_row(prediction_id, owner, given))
 
-    @_leasable
+    @leasable
     def get_prediction(self, prediction_id: str, load_arrays: bool = False) -> dict | None:
         """The prediction as a dict, or None; with ``load_arrays`` also its arrays as numpy (or None)."""
-        _text("prediction_id", prediction_id, allow_none=False)
+        V.text("prediction_id", prediction_id, allow_none=False)
         with self._lock:
             self._check_open()
-            snap = self._snapshot()
-            row = self._row(S.PREDICTIONS, prediction_id, snap=snap)
+            snap = self._reads.snapshot()
+            row = self._reads.row(S.PREDICTIONS, prediction_id, snap=snap)
             if row is None:
                 return None
-            row["scores"] = _unjson(row["scores"])
-            row["best_params"] = _unjson(row["best_params"])
+            records.decoded(row, ("scores", "best_params"))
             if load_arrays:
-                row.update(self._load_arrays(prediction_id, row["dataset_name"], snap))
+                row.update(self._reads.arrays(prediction_id, row["dataset_name"], snap))
             return row
-
-    def _load_arrays(self, prediction_id: str, dataset_name: str, snap: Snapshot) -> dict[str, np.ndarray | None]:
-        tdef = S.PREDICTION_ARRAYS
-        stored = self._row(tdef, prediction_id, dataset_name=dataset_name, snap=snap)
-        if stored is None:
-            return {f: None for f in ARRAY_FIELDS}
-        return {f: to_numpy(f, stored[f], stored["y_proba_classes"]) for f in ARRAY_FIELDS}
 
     def _predictions(self, dataset_name: str | None = None) -> pl.LazyFrame:
         exact = dataset_name if (dataset_name is not None and "%" not in dataset_name) else None
-        return self._frame(S.PREDICTIONS, exact)
+        return self._reads.frame(S.PREDICTIONS, exact)
 
-    @_leasable
+    @leasable
     def query_predictions(
         self,
         dataset_name: str | None = None,
@@ -918,9 +507,9 @@ class WorkspaceStore:
         offset: int = 0,
     ) -> pl.DataFrame:
         """Predictions matching every given filter (``%`` in a string makes it a LIKE pattern); no arrays."""
-        filters = dict(zip(_PREDICTION_FILTERS, (dataset_name, model_class, partition, fold_id, branch_id, pipeline_id, run_id)))
-        exprs = _filter_exprs(filters)  # checked before any read
-        limit, offset = _count("limit", limit, allow_none=True), _count("offset", offset)
+        filters = dict(zip(V.PREDICTION_FILTERS, (dataset_name, model_class, partition, fold_id, branch_id, pipeline_id, run_id)))
+        exprs = filter_exprs(filters)  # checked before any read
+        limit, offset = V.count("limit", limit, allow_none=True), V.count("offset", offset)
         with self._lock:
             self._check_open()
             frame = self._predictions(dataset_name)
@@ -928,7 +517,7 @@ class WorkspaceStore:
         frame = frame.sort(["created_at", "prediction_id"]).slice(offset, limit)
         return frame.collect()
 
-    @_leasable
+    @leasable
     def top_predictions(
         self,
         n: int,
@@ -939,44 +528,34 @@ class WorkspaceStore:
         group_by: str | None = None,
     ) -> pl.DataFrame:
         """The best ``n`` predictions of ``partition`` by the ``metric`` column (of each ``group_by`` group)."""
-        columns = S.PREDICTIONS.schema.names
-        numeric = {f.name for f in S.PREDICTIONS.schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)}
-        if not isinstance(metric, str) or metric not in numeric:
-            raise ValueError(f"Invalid metric column: {metric!r} (choose one of {', '.join(sorted(numeric))})")
-        if group_by is not None and (not isinstance(group_by, str) or group_by not in columns):
-            raise ValueError(f"Invalid group_by column: {group_by!r} (choose one of {', '.join(columns)})")
-        if not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"n must be a non-negative integer, got {n!r}")
-        if not isinstance(ascending, (bool, np.bool_)):
-            raise TypeError(f"ascending must be True or False, got {ascending!r}")
-        exprs = _filter_exprs({"partition": partition, "dataset_name": dataset_name})
+        V.top_predictions_args(n, metric, ascending, group_by)
+        exprs = filter_exprs({"partition": partition, "dataset_name": dataset_name})
         with self._lock:
             self._check_open()
             frame = self._predictions(dataset_name)
         if exprs:
             frame = frame.filter(*exprs)
-        return top_k(frame, min(int(n), MAX_ROWS), score=metric, by=group_by, ascending=ascending)
+        return top_k(frame, min(int(n), V.MAX_ROWS), score=metric, by=group_by, ascending=ascending)
 
     def delete_prediction(self, prediction_id: str) -> bool:
         """Delete one prediction and its arrays; False when it did not exist."""
-        _text("prediction_id", prediction_id, allow_none=False)
+        V.text("prediction_id", prediction_id, allow_none=False)
         with self._lock:
             self._check_open()
-            snap = self._snapshot()
-            row = self._row(S.PREDICTIONS, prediction_id, snap=snap)
+            snap = self._reads.snapshot()
+            row = self._reads.row(S.PREDICTIONS, prediction_id, snap=snap)
             if row is None:
                 return False
             # Read for its stamp only: arrays saved after the row must be deleted too (§5.3).
-            self._row(S.PREDICTION_ARRAYS, prediction_id, dataset_name=row["dataset_name"], snap=snap)
+            self._reads.row(S.PREDICTION_ARRAYS, prediction_id, dataset_name=row["dataset_name"], snap=snap)
             self._delete("prediction", [prediction_id])
             self._known_predictions.pop(prediction_id, None)
             return True
 
     def _delete(self, kind: str, entity_ids: list[str]) -> None:
         """Append deletion records and publish them at once, so every reader stops seeing them."""
-        now = CLOCK.now_us()
-        for entity_id in entity_ids:
-            self._buffer("deletions", {"kind": kind, "entity_id": entity_id, "deleted_at": now})
+        for row in records.deletion_rows(kind, entity_ids):
+            self._buffer("deletions", row)
         self._publish()
 
     # ------------------------------------------------------------------ artifacts
@@ -986,27 +565,15 @@ class WorkspaceStore:
         ``format``: ``joblib``, ``pickle``, ``cloudpickle`` (they run code when loaded), or ``npz``
         for a numpy array or a dict of arrays and numbers (loaded without pickle).
         """
-        _text("operator_class", operator_class)  # checked before any bytes are stored
-        _text("artifact_type", artifact_type)
+        V.text("operator_class", operator_class)  # checked before any bytes are stored
+        V.text("artifact_type", artifact_type)
         data = art.serialize(obj, format)
         with self._lock:
             self._check_open()
             digest, rel = art.put_object(self._storage, data)
             # Recorded on every save (one row each, resolved to one artifact), so a record that a
             # concurrent gc hid comes back with the next save of the same object.
-            self._buffer(
-                "artifacts",
-                {
-                    "artifact_id": digest,
-                    "content_hash": digest,
-                    "path": rel,
-                    "operator_class": _text("operator_class", operator_class),
-                    "artifact_type": _text("artifact_type", artifact_type),
-                    "format": format,
-                    "size_bytes": len(data),
-                    "created_at": CLOCK.now_us(),
-                },
-            )
+            self._buffer("artifacts", records.saved_artifact_row(digest, rel, operator_class, artifact_type, format, len(data)))
             self._known_artifacts.add(digest)
             return digest
 
@@ -1023,31 +590,25 @@ class WorkspaceStore:
         """Record an artifact whose bytes already exist at ``path``; idempotent."""
         with self._lock:
             self._check_open()
-            _text("artifact_id", artifact_id, allow_none=False)
-            if artifact_id in self._known_artifacts or self._row(S.ARTIFACTS, artifact_id) is not None:
+            V.text("artifact_id", artifact_id, allow_none=False)
+            if artifact_id in self._known_artifacts or self._reads.row(S.ARTIFACTS, artifact_id) is not None:
                 return artifact_id
-            path = _text("path", os.fspath(path), allow_none=False)
+            path = V.text("path", os.fspath(path), allow_none=False)
             full = path if art.is_external(path) else self._storage.path(path)
             inside = full.split("://", 1)[-1].startswith(self._storage.root.rstrip("/") + "/")
+            stored_path = self._storage.relative(full) if inside else full
             self._buffer(
                 "artifacts",
-                {
-                    "artifact_id": artifact_id,
-                    "content_hash": _text("content_hash", content_hash, allow_none=False),
-                    "path": self._storage.relative(full) if inside else full,
-                    "operator_class": _text("operator_class", operator_class),
-                    "artifact_type": _text("artifact_type", artifact_type),
-                    "format": _text("format", format),
-                    "size_bytes": _opt_int("size_bytes", size_bytes),
-                    "created_at": CLOCK.now_us(),
-                },
+                records.registered_artifact_row(
+                    artifact_id, stored_path, content_hash, operator_class, artifact_type, format, size_bytes
+                ),
             )
             self._known_artifacts.add(artifact_id)
             return artifact_id
 
     def _artifact(self, artifact_id: str) -> dict:
-        _text("artifact_id", artifact_id, allow_none=False)
-        row = self._row(S.ARTIFACTS, artifact_id)
+        V.text("artifact_id", artifact_id, allow_none=False)
+        row = self._reads.row(S.ARTIFACTS, artifact_id)
         if row is None:
             raise KeyError(f"unknown artifact_id {artifact_id!r}")
         return row
@@ -1087,52 +648,19 @@ class WorkspaceStore:
         """
         with self._lock:
             self._check_open()
-            # Chains other writers made durable but have not published hold artifacts too
-            # (ours are published first). Read before the lake: a segment published meanwhile
-            # is then seen in one or the other.
             self._publish()
-            held, _ = art.unpublished_references(self._storage)
-            live_pipelines = self._frame(S.PIPELINES).filter(pl.col("status") != "failed").select("pipeline_id")
-            held |= set(
-                self._frame(S.CHAINS)
-                .join(live_pipelines, on="pipeline_id", how="semi")
-                .select(pl.col("artifact_ids").explode())
-                .drop_nulls()
-                .collect()["artifact_ids"]
-                .to_list()
-            )
-            artifacts = self._frame(S.ARTIFACTS).collect()
             cutoff = CLOCK.now_us() - self._grace_us
-            unheld = artifacts.filter(
-                ~pl.col("artifact_id").is_in(list(held)) & (pl.col("created_at").dt.epoch("us") < cutoff)
-            )
-            candidates = unheld.rows(named=True)
-            if self._storage.is_local or sum(map(_is_object, unheld["path"])) <= artifacts.height // 1000 + 1:
-                modified = self._storage.modified_us
-            else:  # one listing of objects/ (a page per 1,000 objects) costs less than a HEAD each
-                modified = self._storage.list_modified(art.OBJECTS_DIR).get
-            doomed = [
-                row for row in candidates if not _is_object(row["path"]) or (modified(row["path"]) or 0) < cutoff
-            ]
+            doomed, artifacts = gc.unheld_artifacts(self._storage, self._reads.frame, cutoff)
             if not doomed:
                 return 0
             self._known_artifacts.difference_update(row["artifact_id"] for row in doomed)
             # The deletion records land first: a crash after this leaves orphan bytes, never a
             # record pointing at missing bytes.
             self._delete("artifact", [row["artifact_id"] for row in doomed])
-            doomed_ids = {row["artifact_id"] for row in doomed}
-            kept_paths = set(artifacts.filter(~pl.col("artifact_id").is_in(list(doomed_ids)))["path"].to_list())
-            revived = []
-            for rel in {row["path"] for row in doomed} - kept_paths:
-                if _is_object(rel) and not art.remove_object(self._storage, rel, cutoff):
-                    # Saved again by another writer since we looked (its record is not published
-                    # yet, and the deletion above hides records up to now): keep the bytes and
-                    # record the artifact anew, so that writer's chain still finds it.
-                    revived += [row for row in doomed if row["path"] == rel]
+            revived = gc.remove_bytes(self._storage, doomed, artifacts, cutoff)
             self._known_artifacts.update(row["artifact_id"] for row in revived)
             for row in revived:
-                fields = ("artifact_id", "content_hash", "path", "operator_class", "artifact_type", "format", "size_bytes")
-                self._buffer("artifacts", {**{k: row[k] for k in fields}, "created_at": CLOCK.now_us()})
+                self._buffer("artifacts", records.renewed_artifact_row(row))
             if revived:
                 self._publish()
             return len(doomed) - len(revived)
@@ -1153,140 +681,63 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             pipeline = self._require_pipeline(pipeline_id)
-            now = CLOCK.now_us()
-            self._buffer(
-                "logs",
-                {
-                    "log_id": new_id(),
-                    "pipeline_id": pipeline_id,
-                    "run_id": pipeline["run_id"],
-                    "step_idx": _opt_int("step_idx", step_idx),
-                    "operator_class": _text("operator_class", operator_class),
-                    "event": _text("event", event, allow_none=False),
-                    "duration_ms": _opt_float("duration_ms", duration_ms),
-                    "message": _free_text("message", message),
-                    "details": _json(details, "details"),
-                    "level": _text("level", level, allow_none=False),
-                    "created_at": now,
-                    "_version": now,
-                },
-            )
+            row = records.log_row(pipeline, step_idx, operator_class, event, duration_ms, message, details, level)
+            self._buffer("logs", row)
 
-    @_leasable
+    @leasable
     def get_pipeline_log(self, pipeline_id: str) -> pl.DataFrame:
         """The pipeline's step events, ordered by step, then time."""
-        _text("pipeline_id", pipeline_id, allow_none=False)
+        V.text("pipeline_id", pipeline_id, allow_none=False)
         with self._lock:
             self._check_open()
-            frame = self._frame(S.LOGS).filter(pl.col("pipeline_id") == pipeline_id)
-            return self._public(frame.sort(["step_idx", "_version"], nulls_last=True).collect())
+            frame = self._reads.frame(S.LOGS).filter(pl.col("pipeline_id") == pipeline_id)
+            return public(frame.sort(["step_idx", "_version"], nulls_last=True).collect())
 
-    @_leasable
+    @leasable
     def get_run_log_summary(self, run_id: str) -> pl.DataFrame:
         """One row per pipeline of the run: log count, total ``end`` duration, warnings, errors."""
-        _text("run_id", run_id, allow_none=False)
+        V.text("run_id", run_id, allow_none=False)
         with self._lock:
             self._check_open()
-            pipelines = self._frame(S.PIPELINES).filter(pl.col("run_id") == run_id).select("pipeline_id", "name", "dataset_name", "created_at")
-            logs = self._frame(S.LOGS).filter(pl.col("run_id") == run_id)
-        per_pipeline = logs.group_by("pipeline_id").agg(
-            pl.len().alias("log_count"),
-            pl.col("duration_ms").filter(pl.col("event") == "end").sum().alias("total_duration_ms"),
-            ((pl.col("level") == "warning") | (pl.col("event") == "warning")).sum().alias("warning_count"),
-            ((pl.col("level") == "error") | (pl.col("event") == "error")).sum().alias("error_count"),
-        )
-        return (
-            pipelines.join(per_pipeline, on="pipeline_id", how="left")
-            .with_columns(
-                pl.col("log_count").fill_null(0).cast(pl.Int64),
-                pl.col("total_duration_ms").fill_null(0.0),
-                pl.col("warning_count").fill_null(0).cast(pl.Int64),
-                pl.col("error_count").fill_null(0).cast(pl.Int64),
-            )
-            .sort("created_at")
-            .drop("created_at")
-            .collect()
-        )
+            pipelines = self._reads.frame(S.PIPELINES).filter(pl.col("run_id") == run_id).select("pipeline_id", "name", "dataset_name", "created_at")
+            logs = self._reads.frame(S.LOGS).filter(pl.col("run_id") == run_id)
+        return log_summary(pipelines, logs)
 
     # ------------------------------------------------------------------ export, deletion, replay
     def export_chain(self, chain_id: str, output_path: str | os.PathLike, format: str = "n4a") -> Path:
         """Write the chain and its artifacts to a zip (``manifest.json``, ``chain.json``, ``artifacts/``)."""
-        if format != "n4a":
-            raise ValueError(f"unknown export format {format!r}: only 'n4a' is supported")
+        V.export_format(format)
         chain = self.get_chain(chain_id)
         if chain is None:
             raise KeyError(f"unknown chain_id {chain_id!r}")
         with self._lock:
-            ids = self._frame(S.CHAINS).filter(pl.col("chain_id") == chain_id).collect()["artifact_ids"][0].to_list()
-            records = self._frame(S.ARTIFACTS).filter(pl.col("artifact_id").is_in(ids)).collect().rows(named=True)
-        target = _with_suffix(output_path, ".n4a")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        manifest_artifacts = []
-        with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for rec in records:
-                name = f"artifacts/{rec['artifact_id']}.{rec['format']}"
-                zf.writestr(name, art.read_verified(self._storage, rec["path"], rec["content_hash"]))
-                manifest_artifacts.append(
-                    {k: rec[k] for k in ("artifact_id", "content_hash", "operator_class", "artifact_type", "format", "size_bytes")}
-                    | {"file": name}
-                )
-            manifest = {
-                "format": "n4a",
-                "producer": f"nirslake {__version__}",
-                "chain_id": chain_id,
-                "pipeline_id": chain["pipeline_id"],
-                "exported_at": datetime.now(timezone.utc).isoformat(),
-                "artifacts": manifest_artifacts,
-            }
-            zf.writestr("manifest.json", json.dumps(manifest, indent=2))
-            zf.writestr("chain.json", json.dumps(chain, indent=2, default=str))
-        return target
+            ids = self._reads.frame(S.CHAINS).filter(pl.col("chain_id") == chain_id).collect()["artifact_ids"][0].to_list()
+            held = self._reads.frame(S.ARTIFACTS).filter(pl.col("artifact_id").is_in(ids)).collect().rows(named=True)
+        return exports.export_chain(self._storage, chain, held, output_path)
 
     def export_pipeline_config(self, pipeline_id: str, output_path: str | os.PathLike) -> Path:
         """Write the pipeline's expanded config as JSON (``.json`` added when the path has no suffix)."""
         pipeline = self.get_pipeline(pipeline_id)
         if pipeline is None:
             raise KeyError(f"unknown pipeline_id {pipeline_id!r}")
-        target = _with_suffix(output_path, ".json")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(pipeline["expanded_config"], indent=2), encoding="utf-8")
-        return target
+        return exports.export_pipeline_config(pipeline, output_path)
 
     def export_run(self, run_id: str, output_path: str | os.PathLike) -> Path:
         """Write the run, its pipelines and their chains as YAML (``.yaml`` added when no suffix)."""
-        import yaml
-
         run = self.get_run(run_id)
         if run is None:
             raise KeyError(f"unknown run_id {run_id!r}")
         with self._lock:
             pipelines = self.list_pipelines(run_id=run_id).sort("created_at").rows(named=True)
-            chains = self._public(self._frame(S.CHAINS).filter(pl.col("run_id") == run_id).sort("created_at").collect())
-        by_pipeline: dict[str, list] = {}
-        for chain in chains.rows(named=True):
-            for key in ("steps", "fold_artifacts", "shared_artifacts", "branch_path"):
-                chain[key] = _unjson(chain[key])
-            by_pipeline.setdefault(chain["pipeline_id"], []).append(chain)
-        for p in pipelines:
-            for key in ("expanded_config", "generator_choices"):
-                p[key] = _unjson(p[key])
-            p["chains"] = by_pipeline.get(p["pipeline_id"], [])
-        document = _plain({"run": run, "pipelines": pipelines})
-        target = _with_suffix(output_path, ".yaml")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), encoding="utf-8")
-        return target
+            chains = public(self._reads.frame(S.CHAINS).filter(pl.col("run_id") == run_id).sort("created_at").collect())
+        chains = [records.decoded(chain, records.CHAIN_JSON) for chain in chains.rows(named=True)]
+        pipelines = [records.decoded(p, records.PIPELINE_JSON) for p in pipelines]
+        return exports.export_run(run, pipelines, chains, output_path)
 
     def export_predictions_parquet(self, output_path: str | os.PathLike, **filters: Any) -> Path:
         """``query_predictions(**filters)`` written as one Parquet file (also when empty)."""
-        unknown = set(filters) - set(_PREDICTION_FILTERS) - {"limit", "offset"}
-        if unknown:
-            raise TypeError(f"unknown filter(s) {sorted(unknown)}: use {', '.join(_PREDICTION_FILTERS)}, limit, offset")
-        frame = self.query_predictions(**filters)
-        target = Path(output_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        frame.write_parquet(target)
-        return target
+        V.export_filters(filters)
+        return exports.export_predictions_parquet(self.query_predictions(**filters), output_path)
 
     def delete_run(self, run_id: str, delete_artifacts: bool = True) -> int:
         """Delete the run and everything under it; returns how many records went.
@@ -1294,14 +745,14 @@ class WorkspaceStore:
         Counted: the run, its pipelines, chains, predictions and log events. One deletion record
         hides them all at once; ``vacuum()`` reclaims their space.
         """
-        _text("run_id", run_id, allow_none=False)
+        V.text("run_id", run_id, allow_none=False)
         with self._lock:
             self._check_open()
-            if self._row(S.RUNS, run_id) is None:
+            if self._reads.row(S.RUNS, run_id) is None:
                 return 0
             count = 1
             for tdef in (S.PIPELINES, S.CHAINS, S.PREDICTIONS, S.LOGS):
-                count += self._frame(tdef).filter(pl.col("run_id") == run_id).select(pl.len()).collect().item()
+                count += self._reads.frame(tdef).filter(pl.col("run_id") == run_id).select(pl.len()).collect().item()
             self._delete("run", [run_id])
             self._known_runs.pop(run_id, None)
             for pid in [p for p, row in self._known_pipelines.items() if row["run_id"] == run_id]:
@@ -1318,11 +769,11 @@ class WorkspaceStore:
         Readers never see the swap (lake spec §4). The replaced files' bytes are deleted by a
         later vacuum, once hidden for longer than ``grace_seconds``.
         """
-        from .maintenance import purge
+        from .lake.maintenance import purge
 
         with self._lock:
             self.compact()
-            purge(self._storage, self._cache, CLOCK.now_us() - self._grace_us)
+            purge(self._storage, self._reads.cache, CLOCK.now_us() - self._grace_us)
 
     # ------------------------------------------------------------------ maintenance (beyond the seed API)
     def compact(
@@ -1338,19 +789,14 @@ class WorkspaceStore:
         reader sees either the old files or the new ones (lake spec §4). ``tables`` limits it to
         some tables; ``progress`` receives one line per compacted table.
         """
-        from .maintenance import compact_all
+        from .lake.maintenance import compact_all
 
-        if (
-            not isinstance(target_file_mb, (int, float))
-            or isinstance(target_file_mb, bool)
-            or not 0 < target_file_mb < math.inf
-        ):
-            raise ValueError(f"target_file_mb must be a positive number, and finite: got {target_file_mb!r}")
+        V.target_file_mb(target_file_mb)
         with self._lock:
             self._check_open()
             self._publish_for_read()
             return compact_all(
-                self._storage, self._cache, int(target_file_mb * 1048576), tables=tables, progress=progress
+                self._storage, self._reads.cache, int(target_file_mb * 1048576), tables=tables, progress=progress
             )
 
     def check(self, repair: bool = False, progress: Callable[[str], None] | None = None) -> CheckReport:
@@ -1359,17 +805,17 @@ class WorkspaceStore:
 
         Also lists leftovers (staging files, replaced or uncommitted compaction files,
         unreferenced objects) older than ``grace_seconds``; ``repair=True`` deletes those.
-        Problems are reported, never repaired. Returns a :class:`~nirslake.check.CheckReport`.
+        Problems are reported, never repaired. Returns a :class:`~nirslake.lake.check.CheckReport`.
         """
-        from .check import check_workspace
+        from .lake.check import check_workspace
 
         with self._lock:
             self._check_open()
             self._publish_for_read()
             return check_workspace(
                 self._storage,
-                self._cache,
-                lambda tdef, snap: self._frame(tdef, snap=snap).collect(),
+                self._reads.cache,
+                lambda tdef, snap: self._reads.frame(tdef, snap=snap).collect(),
                 CLOCK.now_us() - self._grace_us,
                 repair=repair,
                 progress=progress,
@@ -1408,87 +854,4 @@ class WorkspaceStore:
         chain = self.get_chain(chain_id)
         if chain is None:
             raise KeyError(f"unknown chain_id {chain_id!r}")
-        if chain.get("model_step_idx") is None:
-            raise RuntimeError(f"chain {chain_id} has no model step to replay")
-        fold_ids = [v for _, v in sorted(chain["fold_artifacts"].items()) if v]
-        if not fold_ids:
-            raise RuntimeError(f"chain {chain_id} has no fold models to replay")
-        data = np.asarray(X, dtype=np.float64)
-        for step in sorted(chain["shared_artifacts"], key=int):
-            if int(step) >= chain["model_step_idx"]:
-                continue
-            for artifact_id in chain["shared_artifacts"][step]:
-                data = self.load_artifact(artifact_id).transform(data)
-        predictions = [np.asarray(self.load_artifact(a).predict(data), dtype=np.float64).reshape(len(data), -1) for a in fold_ids]
-        mean = np.mean(predictions, axis=0)
-        return mean.ravel() if mean.shape[1] == 1 else mean
-
-
-def _observe_stamps(rows: pa.Table, tdef: S.TableDef, deleted: Deleted, key: str) -> None:
-    """Move this process's clock past every stamp of ``key`` it just read (rows and deletion),
-    so what it writes next about that key (a new version, a re-save, a deletion) is later than
-    all of it even when the writer of those rows had a clock ahead of ours (lake spec §5)."""
-    column = tdef.version_column or ("created_at" if "created_at" in rows.column_names else None)
-    if rows.num_rows and column is not None:
-        CLOCK.observe(pc.max(rows.column(column).cast(pa.int64())).as_py())
-    if tdef.name in _ENTITY_DELETIONS:
-        died = deleted.entities.get((_ENTITY_DELETIONS[tdef.name][0], key))
-        if died is not None:
-            CLOCK.observe(died)
-
-
-def _artifact_maps(fold_artifacts: Any, shared_artifacts: Any) -> tuple[dict, dict]:
-    """Check the chain's artifact maps: ``{"fold_0": id}`` and ``{"<step_idx>": [id, ...]}``,
-    where a single id stands for a list of one (as the seed store accepts). Every id is text
-    Parquet can store: a chain's ids are also written raw, as its ``artifact_ids``."""
-    if not isinstance(fold_artifacts or {}, dict) or not all(
-        isinstance(v, str) or v is None for v in (fold_artifacts or {}).values()
-    ):
-        raise TypeError(f'fold_artifacts must map fold names to one artifact id each, like {{"fold_0": id}}; got {fold_artifacts!r}')
-    shared = shared_artifacts or {}
-    if isinstance(shared, dict):
-        shared = {str(k): [v] if isinstance(v, str) else v for k, v in shared.items()}
-    if not isinstance(shared, dict) or not all(
-        isinstance(v, (list, tuple)) and all(isinstance(i, str) for i in v) for v in shared.values()
-    ):
-        raise TypeError(f'shared_artifacts must map step indices to lists of artifact ids, like {{"0": [id]}}; got {shared_artifacts!r}')
-    folds = {k: _text(f"fold_artifacts[{k!r}]", v) for k, v in (fold_artifacts or {}).items()}
-    return folds, {k: [_text(f"shared_artifacts[{k!r}]", i) for i in v] for k, v in shared.items()}
-
-
-def _is_object(path: str) -> bool:
-    """True for bytes the store manages under ``objects/`` (registered files are never deleted)."""
-    return path.startswith(art.OBJECTS_DIR + "/")
-
-
-def _filter_exprs(filters: dict[str, Any]) -> list[pl.Expr]:
-    """polars expressions for equality / LIKE filters; values are data, never SQL text."""
-    exprs = []
-    for column, value in filters.items():
-        if value is None:
-            continue
-        if column == "fold_id":
-            value = _fold_id(value)
-        if column == "branch_id":
-            exprs.append(pl.col(column) == _opt_int("branch_id", value))
-            continue
-        _text(column, value)
-        if "%" in value:
-            pattern = "(?s)^" + ".*".join(re.escape(p) for p in value.split("%")) + "$"
-            exprs.append(pl.col(column).str.contains(pattern))
-        else:
-            exprs.append(pl.col(column) == value)
-    return exprs
-
-
-def _plain(value: Any) -> Any:
-    """Values YAML can write safely: datetimes as ISO strings, numpy scalars as Python ones."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+        return replay_chain(chain, self.load_artifact, X)

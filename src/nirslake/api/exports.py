@@ -1,0 +1,97 @@
+"""Exports of stored records to files a person or another tool opens: a chain and its artifacts
+as a ``.n4a`` zip, a run as YAML, a pipeline's config as JSON, predictions as one Parquet file.
+
+The store reads the records; these functions only write them out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from .. import __version__
+from ..lake import artifacts as art
+from ..lake.storage import Storage
+
+
+def with_suffix(output_path: str | os.PathLike, suffix: str) -> Path:
+    path = Path(output_path)
+    return path if path.suffix else path.with_suffix(suffix)
+
+
+def export_chain(storage: Storage, chain: dict, records: list[dict], output_path: str | os.PathLike) -> Path:
+    """Write the chain and its artifacts' verified bytes to a zip (``manifest.json``, ``chain.json``, ``artifacts/``)."""
+    target = with_suffix(output_path, ".n4a")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    manifest_artifacts = []
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for rec in records:
+            name = f"artifacts/{rec['artifact_id']}.{rec['format']}"
+            zf.writestr(name, art.read_verified(storage, rec["path"], rec["content_hash"]))
+            manifest_artifacts.append(
+                {k: rec[k] for k in ("artifact_id", "content_hash", "operator_class", "artifact_type", "format", "size_bytes")}
+                | {"file": name}
+            )
+        manifest = {
+            "format": "n4a",
+            "producer": f"nirslake {__version__}",
+            "chain_id": chain["chain_id"],
+            "pipeline_id": chain["pipeline_id"],
+            "exported_at": datetime.now(timezone.utc).isoformat(),
+            "artifacts": manifest_artifacts,
+        }
+        zf.writestr("manifest.json", json.dumps(manifest, indent=2))
+        zf.writestr("chain.json", json.dumps(chain, indent=2, default=str))
+    return target
+
+
+def export_pipeline_config(pipeline: dict, output_path: str | os.PathLike) -> Path:
+    """The pipeline's expanded config as JSON (``.json`` added when the path has no suffix)."""
+    target = with_suffix(output_path, ".json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(pipeline["expanded_config"], indent=2), encoding="utf-8")
+    return target
+
+
+def export_run(run: dict, pipelines: list[dict], chains: list[dict], output_path: str | os.PathLike) -> Path:
+    """The run, its pipelines and each pipeline's chains (all decoded) as YAML (``.yaml`` added when no suffix)."""
+    import yaml
+
+    by_pipeline: dict[str, list] = {}
+    for chain in chains:
+        by_pipeline.setdefault(chain["pipeline_id"], []).append(chain)
+    for p in pipelines:
+        p["chains"] = by_pipeline.get(p["pipeline_id"], [])
+    document = _plain({"run": run, "pipelines": pipelines})
+    target = with_suffix(output_path, ".yaml")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return target
+
+
+def export_predictions_parquet(frame: pl.DataFrame, output_path: str | os.PathLike) -> Path:
+    """``frame`` written as one Parquet file (also when empty)."""
+    target = Path(output_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(target)
+    return target
+
+
+def _plain(value: Any) -> Any:
+    """Values YAML can write safely: datetimes as ISO strings, numpy scalars as Python ones."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
