@@ -15,7 +15,6 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,20 +23,14 @@ import polars as pl
 
 from .api import exports, gc, records
 from .api import validation as V
-from .api.reads import LakeReads, Recent, filter_exprs, leasable, log_summary, public
+from .api.known import Known
+from .api.reads import LakeReads, filter_exprs, leasable, log_summary, public
 from .api.replay import replay_chain
 from .lake import artifacts as art
 from .lake import schema as S
 from .lake.storage import Storage
 from .lake.tables import CLOCK, new_id, schema_file, to_parquet_bytes
-from .lake.writer import (
-    DEFAULT_FLUSH_BYTES,
-    DEFAULT_FLUSH_ROWS,
-    DEFAULT_FLUSH_SECONDS,
-    LakeWriter,
-    flush_left_open,
-    recover_orphans,
-)
+from .lake.writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, DEFAULT_FLUSH_SECONDS, LakeWriter, flush_left_open, recover_orphans
 from .query import catalog, top_k
 
 if TYPE_CHECKING:
@@ -46,8 +39,6 @@ if TYPE_CHECKING:
 
 # How long gc_artifacts and vacuum leave alone what another writer or reader may still use.
 DEFAULT_GRACE_SECONDS = 3600.0
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 # Every store of this process: a forked child gives each fresh locks, since a thread of the
 # parent that held one at the fork does not exist in the child and would never release it.
@@ -106,12 +97,7 @@ class WorkspaceStore:
         self._reads = LakeReads(self._storage, listing_ttl_seconds, self._publish_for_read)
         self._writer = LakeWriter(self._storage, flush_bytes, flush_rows, flush_seconds)
         self._grace_us = int(grace_seconds * 1e6)
-        # What this process wrote, so hot-path writes never scan the lake to find a parent.
-        self._known_runs: Recent = Recent(1_000)
-        self._known_pipelines: Recent = Recent(10_000)
-        self._known_chains: Recent = Recent(10_000)  # id -> pipeline_id
-        self._known_predictions: Recent = Recent(100_000)  # id -> (run_id, dataset_name, created µs)
-        self._known_artifacts: set[str] = set()
+        self._known = Known(self._reads)  # what this process wrote: writes find parents without a scan
         self._closed = False
         self._init_workspace()
         # A store dropped or left open at exit still writes what it buffered (never silently lost).
@@ -186,47 +172,6 @@ class WorkspaceStore:
         self._publish()
         self._writer.publish_process_writers()
 
-    # ------------------------------------------------------------------ parents of a write
-    def _require_run(self, run_id: str) -> dict:
-        V.text("run_id", run_id, allow_none=False)
-        row = self._known_runs.get(run_id) or self._reads.row(S.RUNS, run_id)
-        if row is None:
-            raise KeyError(f"unknown run_id {run_id!r}")
-        self._known_runs[run_id] = row
-        return row
-
-    def _require_pipeline(self, pipeline_id: str) -> dict:
-        V.text("pipeline_id", pipeline_id, allow_none=False)
-        row = self._known_pipelines.get(pipeline_id) or self._reads.row(S.PIPELINES, pipeline_id)
-        if row is None:
-            raise KeyError(f"unknown pipeline_id {pipeline_id!r}")
-        self._known_pipelines[pipeline_id] = row
-        return row
-
-    def _require_chain(self, chain_id: str, pipeline_id: str) -> None:
-        """A prediction's chain exists and is one of its pipeline's."""
-        owner = self._known_chains.get(chain_id)
-        if owner is None:
-            row = self._reads.row(S.CHAINS, chain_id)
-            if row is None:
-                raise KeyError(f"unknown chain_id {chain_id!r}")
-            owner = self._known_chains[chain_id] = row["pipeline_id"]
-        if owner != pipeline_id:
-            raise ValueError(f"chain_id {chain_id!r} belongs to pipeline {owner!r}, not to pipeline_id {pipeline_id!r}")
-
-    def _prediction_owner(self, prediction_id: str) -> tuple[str, str, int] | None:
-        """(run_id, dataset_name, created µs) of a prediction; looked up without flushing, then remembered."""
-        V.text("prediction_id", prediction_id, allow_none=False)
-        owner = self._known_predictions.get(prediction_id)
-        if owner is None:
-            snap = self._reads.snapshot(publish=False, tables=("predictions",))
-            row = self._reads.row(S.PREDICTIONS, prediction_id, snap=snap)
-            if row is None:
-                return None
-            created = (row["created_at"] - _EPOCH) // timedelta(microseconds=1)
-            owner = self._known_predictions[prediction_id] = (row["run_id"], row["dataset_name"], created)
-        return owner
-
     def _get(self, tdef: S.TableDef, key: str, json_fields: tuple[str, ...], drop: str) -> dict | None:
         """One current row with its JSON fields decoded (for get_run, get_pipeline, get_chain)."""
         V.text(tdef.key, key, allow_none=False)
@@ -246,7 +191,7 @@ class WorkspaceStore:
             V.text("name", name, allow_none=False)
             V.dict_list("datasets", datasets)
             row = records.run_row(name, config, datasets)
-            self._known_runs[row["run_id"]] = row
+            self._known.runs[row["run_id"]] = row
             self._buffer("runs", row)
             return row["run_id"]
 
@@ -255,7 +200,7 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             require, known = (
-                (self._require_run, self._known_runs) if table == "runs" else (self._require_pipeline, self._known_pipelines)
+                (self._known.run, self._known.runs) if table == "runs" else (self._known.pipeline, self._known.pipelines)
             )
             row = known[key] = records.next_version(require(key), changes)
             self._buffer(table, row)
@@ -303,10 +248,10 @@ class WorkspaceStore:
         """Start a pipeline of ``run_id`` on one dataset; returns its new id."""
         with self._lock:
             self._check_open()
-            self._require_run(run_id)
+            self._known.run(run_id)
             V.text("dataset_name", dataset_name, allow_none=False)
             row = records.pipeline_row(run_id, name, expanded_config, generator_choices, dataset_name, dataset_hash)
-            self._known_pipelines[row["pipeline_id"]] = row
+            self._known.pipelines[row["pipeline_id"]] = row
             self._buffer("pipelines", row)
             return row["pipeline_id"]
 
@@ -362,7 +307,7 @@ class WorkspaceStore:
         """Record the steps and fitted artifacts that produced a pipeline's predictions; returns its id."""
         with self._lock:
             self._check_open()
-            pipeline = self._require_pipeline(pipeline_id)
+            pipeline = self._known.pipeline(pipeline_id)
             V.dict_list("steps", steps)
             fold_artifacts, shared_artifacts = V.artifact_maps(fold_artifacts, shared_artifacts)
             held = records.held_artifacts(steps, fold_artifacts, shared_artifacts)
@@ -372,7 +317,7 @@ class WorkspaceStore:
                 pipeline, steps, model_step_idx, model_class, preprocessings, fold_strategy,
                 fold_artifacts, shared_artifacts, branch_path, source_index, held,
             )
-            self._known_chains[row["chain_id"]] = pipeline_id
+            self._known.chains[row["chain_id"]] = pipeline_id
             self._buffer("chains", row)
             return row["chain_id"]
 
@@ -420,25 +365,13 @@ class WorkspaceStore:
         fields = dict(locals())
         with self._lock:
             self._check_open()
-            pipeline = self._require_pipeline(pipeline_id)
+            pipeline = self._known.pipeline(pipeline_id)
             V.text("dataset_name", dataset_name, allow_none=False)
             if chain_id is not None:
-                self._require_chain(V.text("chain_id", chain_id), pipeline_id)
-            if prediction_id is None:
-                pid = new_id()
-            else:
-                pid = V.text("prediction_id", prediction_id, allow_none=False)
-                if not pid:
-                    raise ValueError("prediction_id must not be empty")
-                owner = self._prediction_owner(pid)
-                if owner is not None and owner[1] != dataset_name:
-                    # A key lives in one dataset partition; moving it would let pruned reads disagree.
-                    raise ValueError(
-                        f"prediction_id {pid!r} already belongs to dataset {owner[1]!r}; "
-                        f"it cannot be saved again under {dataset_name!r} (delete it first)"
-                    )
+                self._known.check_chain(V.text("chain_id", chain_id), pipeline_id)
+            pid = new_id() if prediction_id is None else self._known.resaved_prediction(prediction_id, dataset_name)
             row = records.prediction_row(pid, pipeline, chain_id, dataset_name, fields)
-            self._known_predictions[pid] = (pipeline["run_id"], dataset_name, row["created_at"])
+            self._known.predictions[pid] = (pipeline["run_id"], dataset_name, row["created_at"])
             self._buffer("predictions", row)
             return pid
 
@@ -454,23 +387,7 @@ class WorkspaceStore:
         """Attach dense arrays to a prediction (a later call replaces them)."""
         with self._lock:
             self._check_open()
-            owner = self._prediction_owner(prediction_id)
-            # Arrays of a deleted prediction would never show (lake spec §5.4): a remembered owner
-            # that a deletion this store has read since may hide is looked up again (another
-            # process may have saved it anew). A deletion not read yet is left to the read rules.
-            deleted = self._reads.deleted[1]
-            if (
-                owner is not None
-                and deleted is not None
-                and (owner[0] in deleted.runs or deleted.entities.get(("prediction", prediction_id), -1) >= owner[2])
-            ):
-                self._known_predictions.pop(prediction_id, None)
-                owner = self._prediction_owner(prediction_id)
-            if owner is None:
-                self._publish_for_read()  # it may sit in a buffer or journal of this process
-                owner = self._prediction_owner(prediction_id)
-            if owner is None:
-                raise KeyError(f"unknown prediction_id {prediction_id!r}")
+            owner = self._known.live_prediction(prediction_id, self._publish_for_read)
             given = {"y_true": y_true, "y_pred": y_pred, "y_proba": y_proba, "sample_indices": sample_indices, "weights": weights}
             self._writer.add_arrays(records.arrays_row(prediction_id, owner, given))
 
@@ -549,7 +466,7 @@ class WorkspaceStore:
             # Read for its stamp only: arrays saved after the row must be deleted too (§5.3).
             self._reads.row(S.PREDICTION_ARRAYS, prediction_id, dataset_name=row["dataset_name"], snap=snap)
             self._delete("prediction", [prediction_id])
-            self._known_predictions.pop(prediction_id, None)
+            self._known.predictions.pop(prediction_id, None)
             return True
 
     def _delete(self, kind: str, entity_ids: list[str]) -> None:
@@ -574,7 +491,7 @@ class WorkspaceStore:
             # Recorded on every save (one row each, resolved to one artifact), so a record that a
             # concurrent gc hid comes back with the next save of the same object.
             self._buffer("artifacts", records.saved_artifact_row(digest, rel, operator_class, artifact_type, format, len(data)))
-            self._known_artifacts.add(digest)
+            self._known.artifacts.add(digest)
             return digest
 
     def register_existing_artifact(
@@ -591,7 +508,7 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             V.text("artifact_id", artifact_id, allow_none=False)
-            if artifact_id in self._known_artifacts or self._reads.row(S.ARTIFACTS, artifact_id) is not None:
+            if artifact_id in self._known.artifacts or self._reads.row(S.ARTIFACTS, artifact_id) is not None:
                 return artifact_id
             path = V.text("path", os.fspath(path), allow_none=False)
             full = path if art.is_external(path) else self._storage.path(path)
@@ -603,7 +520,7 @@ class WorkspaceStore:
                     artifact_id, stored_path, content_hash, operator_class, artifact_type, format, size_bytes
                 ),
             )
-            self._known_artifacts.add(artifact_id)
+            self._known.artifacts.add(artifact_id)
             return artifact_id
 
     def _artifact(self, artifact_id: str) -> dict:
@@ -649,21 +566,7 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             self._publish()
-            cutoff = CLOCK.now_us() - self._grace_us
-            doomed, artifacts = gc.unheld_artifacts(self._storage, self._reads.frame, cutoff)
-            if not doomed:
-                return 0
-            self._known_artifacts.difference_update(row["artifact_id"] for row in doomed)
-            # The deletion records land first: a crash after this leaves orphan bytes, never a
-            # record pointing at missing bytes.
-            self._delete("artifact", [row["artifact_id"] for row in doomed])
-            revived = gc.remove_bytes(self._storage, doomed, artifacts, cutoff)
-            self._known_artifacts.update(row["artifact_id"] for row in revived)
-            for row in revived:
-                self._buffer("artifacts", records.renewed_artifact_row(row))
-            if revived:
-                self._publish()
-            return len(doomed) - len(revived)
+            return gc.gc_artifacts(self, CLOCK.now_us() - self._grace_us)
 
     # ------------------------------------------------------------------ logs
     def log_step(
@@ -680,7 +583,7 @@ class WorkspaceStore:
         """Record a structured step event (start, end, warning, ...)."""
         with self._lock:
             self._check_open()
-            pipeline = self._require_pipeline(pipeline_id)
+            pipeline = self._known.pipeline(pipeline_id)
             row = records.log_row(pipeline, step_idx, operator_class, event, duration_ms, message, details, level)
             self._buffer("logs", row)
 
@@ -754,11 +657,7 @@ class WorkspaceStore:
             for tdef in (S.PIPELINES, S.CHAINS, S.PREDICTIONS, S.LOGS):
                 count += self._reads.frame(tdef).filter(pl.col("run_id") == run_id).select(pl.len()).collect().item()
             self._delete("run", [run_id])
-            self._known_runs.pop(run_id, None)
-            for pid in [p for p, row in self._known_pipelines.items() if row["run_id"] == run_id]:
-                del self._known_pipelines[pid]
-            for pid in [p for p, (owner, _, _) in self._known_predictions.items() if owner == run_id]:
-                del self._known_predictions[pid]
+            self._known.forget_run(run_id)
             if delete_artifacts:
                 self.gc_artifacts()
             return count
@@ -830,14 +729,7 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             self._publish_for_read()
-            con = catalog.connect(self._storage)
-            try:
-                result = con.execute(query, params or [])
-                if result is None:  # DuckDB's answer to text without a statement ("", a comment)
-                    raise ValueError(f"the query holds no SQL statement: {query!r}; pass one, e.g. 'SELECT * FROM runs'")
-                return result.pl()
-            finally:
-                con.close()
+            return catalog.run_sql(self._storage, query, params)
 
     def leaderboard(self, n: int = 5) -> pl.DataFrame:
         """The best ``n`` chains of each dataset by mean validation score over folds (the ``leaderboard`` view)."""

@@ -7,12 +7,17 @@ Deletion records always land before bytes go: a crash leaves orphan bytes, never
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from ..lake import artifacts as art
 from ..lake import schema as S
 from ..lake.storage import Storage
+from . import records
+
+if TYPE_CHECKING:
+    from ..store import WorkspaceStore
 
 
 def is_object(path: str) -> bool:
@@ -62,3 +67,22 @@ def remove_bytes(storage: Storage, doomed: list[dict], artifacts: pl.DataFrame, 
             # record the artifact anew, so that writer's chain still finds it.
             revived += [row for row in doomed if row["path"] == rel]
     return revived
+
+
+def gc_artifacts(store: WorkspaceStore, cutoff: int) -> int:
+    """``WorkspaceStore.gc_artifacts`` after the store published its writes: the deletion records
+    land first, then the bytes go, then artifacts saved again meanwhile are recorded anew."""
+    doomed, artifacts = unheld_artifacts(store.storage, store._reads.frame, cutoff)
+    if not doomed:
+        return 0
+    store._known.artifacts.difference_update(row["artifact_id"] for row in doomed)
+    # The deletion records land first: a crash after this leaves orphan bytes, never a
+    # record pointing at missing bytes.
+    store._delete("artifact", [row["artifact_id"] for row in doomed])
+    revived = remove_bytes(store.storage, doomed, artifacts, cutoff)
+    store._known.artifacts.update(row["artifact_id"] for row in revived)
+    for row in revived:
+        store._buffer("artifacts", records.renewed_artifact_row(row))
+    if revived:
+        store._publish()
+    return len(doomed) - len(revived)

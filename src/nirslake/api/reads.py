@@ -10,7 +10,6 @@ import functools
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -25,22 +24,6 @@ from ..lake.rules import _ENTITY_DELETIONS, Deleted, resolve, resolve_one
 from ..lake.storage import Storage
 from ..lake.tables import CLOCK, FileCache, Snapshot, lookup, read_files, take_snapshot
 from . import validation as V
-
-
-class Recent(OrderedDict):
-    """A dict of the most recently set entries only: what this process wrote lately, so hot-path
-    writes find their parent without a lake read while memory does not grow with the workspace.
-    A key that fell out is looked up in the lake again."""
-
-    def __init__(self, limit: int):
-        super().__init__()
-        self.limit = limit
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        if len(self) > self.limit:
-            self.popitem(last=False)
 
 
 def leasable(method: Callable) -> Callable:

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 import duckdb
+import polars as pl
 import pyarrow.parquet as pq
 
 from ..lake.schema import FORMAT_VERSION
@@ -186,6 +187,18 @@ def is_current(storage: Storage) -> bool:
 
 class CatalogError(ValueError):
     """The catalog could not be built (a damaged data file, most often); the lake itself is untouched."""
+
+
+def run_sql(storage: Storage, query: str, params: list | None = None) -> pl.DataFrame:
+    """``query`` run against the lake's views (a fresh connection, closed after); returns polars."""
+    con = connect(storage)
+    try:
+        result = con.execute(query, params or [])
+        if result is None:  # DuckDB's answer to text without a statement ("", a comment)
+            raise ValueError(f"the query holds no SQL statement: {query!r}; pass one, e.g. 'SELECT * FROM runs'")
+        return result.pl()
+    finally:
+        con.close()
 
 
 def build_catalog(storage: Storage) -> str:
