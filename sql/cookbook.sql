@@ -1,6 +1,6 @@
 -- nirslake query cookbook: questions people ask of a sweep, for the DuckDB shell.
 -- Open the catalog from any folder:   duckdb -readonly <workspace>/catalog.duckdb
--- Every query below is run by tests/test_cookbook.py against a demo workspace.
+-- Every query below is run by tests/query/test_cookbook.py against a demo workspace.
 
 -- Best 3 chains per dataset by mean validation score over folds.
 SELECT dataset_name, rank, model_name, preprocessings, round(val_score_mean, 4) AS val, round(val_score_std, 4) AS sd, n_folds

@@ -1,4 +1,4 @@
-"""Subprocess entry points of tests/test_concurrency.py: writers, a worker killed at random, a
+"""Subprocess entry points of tests/lake/test_concurrency.py: writers, a worker killed at random, a
 maintenance process and readers, all on one workspace. Run as ``python tests/_workers.py <role> ...``.
 
 What a worker writes is a function of small integers (a *tag* per pipeline, ``k`` per prediction),

@@ -58,3 +58,19 @@ def test_the_check_sees_imports():
     assert {"lake.tables", "api.validation", "query.catalog"} <= imported_modules(SRC / "store.py")
     assert "store" in imported_modules(SRC / "api" / "sync.py")  # a lazy import inside a function
     assert "lake.rules" in imported_modules(SRC / "query" / "spark.py")
+
+
+def test_the_readme_layout_names_every_module():
+    """README's "Layout" section lists each module of the tree, in its package, and nothing else."""
+    readme = (SRC.parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed, folder = set(), None
+    for line in block.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith("src/nirslake/"):
+            folder = name if name.endswith("/") else None
+            if name.endswith(".py"):
+                listed.add(name.removeprefix("src/nirslake/"))
+        elif line.startswith("  ") and name.endswith(".py") and folder:
+            listed.add(folder.removeprefix("src/nirslake/") + name)
+    assert listed == {str(p.relative_to(SRC)) for p in MODULES}

@@ -1,5 +1,5 @@
 -- Runs and pipelines change status by appending a new version: per key the highest _version
--- wins; ties go to the later file name, then the later row (as in nirslake.query.resolve).
+-- wins; ties go to the later file name, then the later row (as in nirslake.lake.rules.resolve).
 CREATE OR REPLACE VIEW runs AS
 SELECT * EXCLUDE (_version, _file, _row) FROM lake_table('runs')
 WHERE run_id NOT IN (SELECT run_id FROM deleted_runs)

@@ -1,7 +1,7 @@
 -- Predictions are partitioned by dataset; each row is one model, fold and partition.
 -- A prediction is identified by (dataset_name, prediction_id) (lake spec §5.1): saving it again
 -- replaces it, the latest created_at wins, then the deletion rules apply to that latest row (as
--- in nirslake.query.resolve): a later save in a deleted run hides the id, it does not bring an
+-- in nirslake.lake.rules.resolve): a later save in a deleted run hides the id, it does not bring an
 -- older save back. The deletions are read once per view (d), after the data files, so one
 -- listing decides what a query sees.
 CREATE OR REPLACE VIEW predictions AS

@@ -248,7 +248,7 @@ def test_one_prediction_id_saved_in_two_datasets_by_racing_writers(local_workspa
     flush_seconds; neither can see the other's save, so both are accepted. Every reader must then
     agree on where it lives: a read by dataset and an unfiltered read (store, DuckDB, polars) show
     the same rows for each dataset; get_prediction returns the later save; delete removes both.
-    (tests/test_spark.py checks Spark on the same race.)"""
+    (tests/query/test_spark.py checks Spark on the same race.)"""
     pid = race_one_id_into_two_datasets(local_workspace)
     with WorkspaceStore(local_workspace) as store:
         everywhere = store.query_predictions().select("dataset_name", "val_score").sort("dataset_name").rows()
@@ -303,7 +303,7 @@ def test_arrays_saved_for_a_prediction_another_process_deleted_stay_hidden(local
     """Issue 9 scenario 13: a writer saves arrays for a prediction that another process deleted
     meanwhile. The writer cannot know (it has not read since), so the save is acknowledged, but
     the arrays must not show anywhere without their prediction (views, polars, the store; Spark
-    in tests/test_spark.py). A writer that has read the deletion refuses such arrays at once."""
+    in tests/query/test_spark.py). A writer that has read the deletion refuses such arrays at once."""
     stale = save_arrays_after_another_process_deleted(local_workspace)
     with WorkspaceStore(local_workspace) as reader:
         assert reader.sql("SELECT count(*) FROM prediction_arrays").item() == 0

@@ -151,7 +151,7 @@ def read_table(
 
 
 def resolve(frame: DataFrame, tdef: S.TableDef, deletions: DataFrame | None) -> DataFrame:
-    """The read rules (lake spec §5) in Spark; the twin of ``nirslake.query.resolve``.
+    """The read rules (lake spec §5) in Spark; the twin of ``nirslake.lake.rules.resolve``.
 
     ``frame`` holds the table's rows, plus the helper columns of the file name and row position
     when the table has a version column (``read_table`` adds them).
