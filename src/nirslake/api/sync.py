@@ -217,7 +217,7 @@ def _records_without_bytes(store) -> list[str]:
     sync's to copy. Only the artifacts and deletions tables are read."""
     # Records before objects: a writer of the target saves an object before its record, so
     # every record read here has its object in the later listing.
-    rows = store._frame(SCHEMA.ARTIFACTS).select("artifact_id", "path").sort("artifact_id").collect()
+    rows = store._reads.frame(SCHEMA.ARTIFACTS).select("artifact_id", "path").sort("artifact_id").collect()
     objects = set(store.storage.list_sizes(OBJECTS_DIR))
     return [
         f"{artifact_id} at {path}"
