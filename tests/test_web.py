@@ -342,3 +342,43 @@ def test_a_missing_workspace_is_refused_without_creating_it(tmp_path):
     with pytest.raises(ValueError, match="no nirslake workspace at"):
         create_app(str(tmp_path / "nothing"))
     assert not (tmp_path / "nothing").exists()
+
+
+def test_serve_refuses_a_missing_workspace_and_a_busy_port_in_one_line(demo_ws, tmp_path, capsys):
+    import socket
+
+    from nirslake import cli
+
+    assert cli.main(["serve", "-w", str(tmp_path / "nothing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nirslake: error: no nirslake workspace at") and err.count("\n") == 1
+    assert not (tmp_path / "nothing").exists()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", "-w", demo_ws, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nirslake: error: cannot listen on 127.0.0.1:{port}: ") and err.count("\n") == 1, err
+
+
+def test_loopback_hosts_are_told_from_the_others():
+    from nirslake.web.app import is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.0.0.2")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("example.org")
+
+
+def test_docs_web_md_pairs_every_endpoint_with_its_python_twin(client):
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "web.md").read_text(encoding="utf-8")
+    table = [line for line in page.splitlines() if line.startswith("| `GET /api") or line.startswith("| `DELETE /api")]
+    for path, methods in get(client, "/openapi.json")["paths"].items():
+        for method in methods:
+            documented = path.replace("{filename}", "{kind}.{png,svg}")
+            rows = [line for line in table if line.startswith(f"| `{method.upper()} {documented}")
+                    and line[len(f"| `{method.upper()} {documented}"):][:1] in ("?", "`", " ")]
+            assert rows, f"{method.upper()} {path} is missing from docs/web.md"
+            twin = rows[0].split("|")[2]
+            assert "store." in twin or "nirslake." in twin, f"{method.upper()} {path}: no Python twin named"

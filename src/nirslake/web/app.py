@@ -347,4 +347,8 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 8765, allow_delet
     if not is_loopback(host):
         announce(f"nirslake: warning: {host} is reachable from other machines, and the API has no authentication")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down cleanly on Ctrl-C, then raises it again
+        pass
+    announce("nirslake: server stopped")
