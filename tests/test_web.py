@@ -382,3 +382,19 @@ def test_docs_web_md_pairs_every_endpoint_with_its_python_twin(client):
             assert rows, f"{method.upper()} {path} is missing from docs/web.md"
             twin = rows[0].split("|")[2]
             assert "store." in twin or "nirslake." in twin, f"{method.upper()} {path}: no Python twin named"
+
+
+def test_a_workspace_on_s3_is_served_alike(s3_workspace):
+    run_demo(s3_workspace, quick=True)
+    with WorkspaceStore(s3_workspace) as store:
+        expected_runs = store.list_runs()["run_id"].to_list()
+        pid = store.top_predictions(1)["prediction_id"][0]
+        n_true = len(store.get_prediction(pid, load_arrays=True)["y_true"])
+    with TestClient(create_app(s3_workspace)) as c:
+        assert [r["run_id"] for r in c.get("/api/runs").json()["items"]] == expected_runs
+        assert c.get("/api/chains", params={"limit": 1}).json()["total"] == 8
+        assert c.get("/api/leaderboard", params={"n": 1}).json()["total"] == 2
+        assert len(c.get(f"/api/predictions/{pid}").json()["y_true"]) == n_true
+        assert c.get("/api/plots/predicted.png", params={"prediction_id": pid}).content[:4] == b"\x89PNG"
+        only_one = c.get("/api/compare")
+        assert only_one.status_code == 400 and "comparing needs two runs" in only_one.json()["error"]
