@@ -32,3 +32,7 @@ SELECT row_number() OVER (
        val_score_mean, val_score_std, test_score_mean, n_folds, pipeline_id, run_id
 FROM chain_summary
 WHERE partition = 'val';
+
+-- True when a smaller score is better for the metric (rmse, mae ...), for queries that rank or
+-- compare scores themselves (sql/queries/); filled from nirslake.query.LOWER_IS_BETTER.
+CREATE OR REPLACE MACRO lower_is_better(metric) AS lower(metric) IN ({lower_is_better});

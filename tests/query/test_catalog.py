@@ -311,8 +311,8 @@ def test_prediction_arrays_view_counts_one_row_per_prediction_latest_wins(demo_w
 
 @pytest.mark.parametrize(
     "change",
-    [{"format_version": 999}, {"lake": "/somewhere/else"}, {"duckdb": "0.9.0"}],
-    ids=["format", "location", "duckdb"],
+    [{"format_version": 999}, {"lake": "/somewhere/else"}, {"duckdb": "0.9.0"}, {"views": "built-by-an-older-nirslake"}],
+    ids=["format", "location", "duckdb", "views"],
 )
 def test_catalog_is_stale_when_its_stamp_differs_and_rebuild_makes_it_current(store, change):
     storage = store.storage

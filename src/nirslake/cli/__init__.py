@@ -87,13 +87,58 @@ def cmd_top(args: argparse.Namespace) -> None:
 def cmd_sql(args: argparse.Namespace) -> None:
     import duckdb
 
+    from ..query import cookbook
+
+    if args.list_queries:
+        for name in cookbook.query_names():
+            query = cookbook.named_query(name)
+            takes = f" [parameters: {', '.join(query.parameters)}]" if query.parameters else ""
+            print(f"{name}: {query.description}{takes}")
+        return
+    if (args.query is None) == (args.named is None):
+        raise CliError('give a query ("SELECT ...") or --query NAME (see --list-queries), one of them')
+    params = dict(_param(p) for p in args.param)
+    if params and not args.named:
+        raise CliError("--param sets a named query's variables: use it with --query NAME")
+    text = cookbook.query_sql(args.named, params) if args.named else args.query
     with _open(args.workspace) as store:
         try:
-            frame = store.sql(args.query)
+            frame = store.sql(text)
         except duckdb.Error as exc:
             first = str(exc).strip().splitlines()[0]
             raise CliError(f"the query failed: {first} (views: {', '.join(VIEWS)})") from None
     print_frame(frame)
+
+
+def _param(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise CliError(f"--param takes NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    _open(args.workspace).close()  # the clear error for a missing workspace
+    try:
+        from ..web import serve
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    serve(args.workspace, host=args.host, port=args.port, allow_delete=args.allow_delete,
+          announce=lambda line: print(line, flush=True))
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    try:
+        from .. import plots
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    with _open(args.workspace) as store:
+        try:
+            fig = plots.figure(store, args.kind, prediction_id=args.prediction, chain_id=args.chain,
+                               dataset_name=args.dataset, partition=args.partition, n=args.n)
+        except KeyError as exc:
+            raise CliError(exc.args[0]) from None
+    print(f"wrote {plots.save(fig, args.output)}")
 
 
 def cmd_catalog(args: argparse.Namespace) -> None:
@@ -197,8 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="only this dataset")
     p.add_argument("--by", default="dataset_name", help="rank within each value of this column (default dataset_name)")
 
-    p = add("sql", cmd_sql, "run a SQL query against the lake's DuckDB views")
-    p.add_argument("query", help='e.g. "SELECT * FROM leaderboard WHERE rank <= 3"')
+    p = add("sql", cmd_sql, "run a SQL query, or a named query of the cookbook, against the lake's DuckDB views")
+    p.add_argument("query", nargs="?", help='e.g. "SELECT * FROM leaderboard WHERE rank <= 3"')
+    p.add_argument("--query", dest="named", metavar="NAME", help="run the named query sql/queries/NAME.sql instead")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="set a named query's variable (repeatable)")
+    p.add_argument("--list-queries", action="store_true", help="list the named queries and their parameters")
 
     add("catalog", cmd_catalog, "rebuild <workspace>/catalog.duckdb (views over the lake)")
 
@@ -217,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-seconds", type=float, default=3600,
         help="leftovers younger than this may belong to a running writer and are kept (default 3600)",
     )
+
+    p = add("serve", cmd_serve, "serve the JSON API and the dashboard over the workspace (docs/web.md)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 takes a free one)")
+    p.add_argument("--allow-delete", action="store_true", help="enable DELETE /api/runs/{id}; read-only without it")
+
+    p = add("plot", cmd_plot, "draw a picture of the sweep as PNG or SVG")
+    p.add_argument("kind", choices=["predicted", "residuals", "fold-scores", "leaderboard"],
+                   help="predicted vs observed, residuals, fold-score spread per chain, or the leaderboard as bars")
+    p.add_argument("--prediction", metavar="ID", help="one prediction (predicted, residuals)")
+    p.add_argument("--chain", metavar="ID", help="a chain, its folds coloured (predicted, residuals)")
+    p.add_argument("--dataset", help="the dataset (fold-scores, leaderboard; needed when there are several)")
+    p.add_argument("--partition", default="val", help="the chain's partition to draw (default val)")
+    p.add_argument("-n", type=int, default=10, help="how many leading chains (fold-scores, leaderboard; default 10)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write: FILE.png or FILE.svg")
 
     where = "a workspace folder or URL (s3://bucket/prefix)"
     for name, source, target, func in (("push", "LOCAL", "REMOTE", cmd_push), ("pull", "REMOTE", "LOCAL", cmd_pull)):

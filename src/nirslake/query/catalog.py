@@ -6,6 +6,7 @@ the DuckDB shell and any number of writer processes never contend for its lock.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -172,11 +173,14 @@ def connect(storage: Storage) -> duckdb.DuckDBPyConnection:
 
 
 def _stamp(storage: Storage) -> dict:
-    return {"format_version": FORMAT_VERSION, "lake": storage.url(), "duckdb": duckdb.__version__}
+    # The views' own text too: a catalog built by an older nirslake lacks views and macros added
+    # since (sql/queries/ use them), so it is rebuilt rather than kept.
+    views = hashlib.sha256(view_statements(storage).encode()).hexdigest()[:16]
+    return {"format_version": FORMAT_VERSION, "lake": storage.url(), "duckdb": duckdb.__version__, "views": views}
 
 
 def is_current(storage: Storage) -> bool:
-    """True when the catalog exists and was built for this format, location and DuckDB line."""
+    """True when the catalog exists and was built for this format, location, DuckDB line and view SQL."""
     if not (storage.exists(CATALOG_FILE) and storage.exists(CATALOG_STAMP)):
         return False
     try:
