@@ -20,7 +20,7 @@ from nirslake.storage import Storage
 
 BIN = Path(sys.executable).parent
 NIRSLAKE = BIN / "nirslake"
-COMMANDS = ("demo", "runs", "top", "sql", "catalog", "compact", "check", "push", "pull", "shell")
+COMMANDS = ("demo", "runs", "top", "sql", "catalog", "compact", "checkpoint", "check", "push", "pull", "shell")
 ID = re.compile(r"\b[0-9a-f]{32}\b")
 
 

@@ -41,6 +41,7 @@ from .tables import (
     lookup,
     new_id,
     read_files,
+    root_schema_file,
     schema_file,
     take_snapshot,
     to_parquet_bytes,
@@ -56,6 +57,7 @@ from .writer import (
 
 if TYPE_CHECKING:
     from .check import CheckReport
+    from .checkpoint import CheckpointResult
     from .maintenance import CompactionResult
 
 # How long gc_artifacts and vacuum leave alone what another writer or reader may still use.
@@ -338,6 +340,9 @@ class WorkspaceStore:
         self._known_predictions: _Recent = _Recent(100_000)  # id -> (run_id, dataset_name, created µs)
         self._known_artifacts: set[str] = set()
         self._closed = False
+        # The storage's count of publishes and deletes when this store last checkpointed (or
+        # opened): close() checkpoints only when it moved (lake spec §11).
+        self._checkpointed_at = self._storage.generation
         self._init_workspace()
         # A store dropped or left open at exit still writes what it buffered (never silently lost).
         self._finalizer = weakref.finalize(self, flush_left_open, self._writer, repr(self))
@@ -360,6 +365,10 @@ class WorkspaceStore:
             rel = schema_file(tdef)
             if not self._storage.exists(rel):
                 self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()), exists_ok=True)
+                if rel != root_schema_file(tdef):
+                    # Older workspaces kept it at the table root, outside every `dataset=` folder,
+                    # which hive readers refuse (lake spec §3); it holds no rows.
+                    self._storage.delete(root_schema_file(tdef))
         try:
             catalog.ensure_catalog(self._storage)
         except catalog.CatalogError as exc:
@@ -379,6 +388,8 @@ class WorkspaceStore:
             self._publish()
             self._closed = True
             self._finalizer.detach()
+            if self._storage.generation != self._checkpointed_at:
+                self._checkpoint_quietly()
 
     def __enter__(self) -> WorkspaceStore:
         return self
@@ -1349,8 +1360,43 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             self._publish_for_read()
-            return compact_all(
+            result = compact_all(
                 self._storage, self._cache, int(target_file_mb * 1048576), tables=tables, progress=progress
+            )
+            self._checkpoint_quietly()
+            return result
+
+    def checkpoint(self) -> CheckpointResult:
+        """Write the current-state manifest, ``_current/manifest.parquet``: the files that hold
+        exactly the current rows of every table, for engines that read Parquet without nirslake
+        (lake spec §11, docs/engines.md). Also done by ``close()`` after writes, ``compact``,
+        ``vacuum`` and ``check(repair=True)``; returns what it wrote."""
+        from .checkpoint import write_checkpoint
+
+        with self._lock:
+            self._check_open()
+            self._publish_for_read()
+            return self._checkpoint(write_checkpoint)
+
+    def _checkpoint(self, write_checkpoint: Callable) -> CheckpointResult:
+        result = write_checkpoint(self._storage, self._cache)
+        self._checkpointed_at = self._storage.generation
+        return result
+
+    def _checkpoint_quietly(self) -> None:
+        """A checkpoint after a write, warning instead of raising: the lake is the truth and is
+        intact; the manifest is a view of it that the next checkpoint brings up to date."""
+        from .checkpoint import write_checkpoint
+
+        try:
+            self._checkpoint(write_checkpoint)
+        except Exception as exc:  # noqa: BLE001 - reported; nothing written to the lake is at stake
+            warnings.warn(
+                f"the current-state manifest of {self._workspace_path} was not updated ({type(exc).__name__}: {exc}); "
+                "the lake is intact and the store reads it; engines reading _current/manifest.parquet see the "
+                "previous checkpoint until `nirslake checkpoint` runs",
+                RuntimeWarning,
+                stacklevel=3,
             )
 
     def check(self, repair: bool = False, progress: Callable[[str], None] | None = None) -> CheckReport:
@@ -1366,6 +1412,8 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             self._publish_for_read()
+            if repair:  # before the purge: what the fresh checkpoint lists is what it must keep
+                self._checkpoint_quietly()
             return check_workspace(
                 self._storage,
                 self._cache,
