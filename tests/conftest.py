@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import re
 import socket
 import time
@@ -240,3 +241,37 @@ def let_object_times_pass(workspace: str) -> None:
     if "://" in workspace:
         now = time.time()
         time.sleep(math.ceil(now) - now + 0.02)
+
+
+# One local Spark session for every test that reads the lake with Spark (tests/query/test_spark.py,
+# tests/lake/test_engines.py): the JVM starts once per test run.
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    """A local Spark session for the whole test session (the JVM starts once, ~10 s)."""
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        pytest.skip("Spark needs a Java runtime (17 or later): no `java` on PATH and no JAVA_HOME")
+    from pyspark.sql import SparkSession
+
+    saved = os.environ.get("SPARK_LOCAL_IP")
+    os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"  # no lookup of the host's address, no network
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("nirslake-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.driver.memory", "512m")
+        .config("spark.driver.host", "127.0.0.1")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.warehouse.dir", str(tmp_path_factory.mktemp("spark-warehouse")))
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    try:
+        yield session
+    finally:
+        session.stop()
+        if saved is None:
+            os.environ.pop("SPARK_LOCAL_IP", None)
+        else:
+            os.environ["SPARK_LOCAL_IP"] = saved

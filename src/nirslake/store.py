@@ -29,12 +29,13 @@ from .api.replay import replay_chain
 from .lake import artifacts as art
 from .lake import schema as S
 from .lake.storage import Storage
-from .lake.tables import CLOCK, new_id, schema_file, to_parquet_bytes
+from .lake.tables import CLOCK, new_id, root_schema_file, schema_file, to_parquet_bytes
 from .lake.writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, DEFAULT_FLUSH_SECONDS, LakeWriter, flush_left_open, recover_orphans
 from .query import catalog, top_k
 
 if TYPE_CHECKING:
     from .lake.check import CheckReport
+    from .lake.checkpoint import CheckpointResult
     from .lake.maintenance import CompactionResult
 
 # How long gc_artifacts and vacuum leave alone what another writer or reader may still use.
@@ -99,6 +100,9 @@ class WorkspaceStore:
         self._grace_us = int(grace_seconds * 1e6)
         self._known = Known(self._reads)  # what this process wrote: writes find parents without a scan
         self._closed = False
+        # The storage's count of publishes and deletes when this store last checkpointed (or
+        # opened): close() checkpoints only when it moved (lake spec §11).
+        self._checkpointed_at = self._storage.generation
         self._init_workspace()
         # A store dropped or left open at exit still writes what it buffered (never silently lost).
         self._finalizer = weakref.finalize(self, flush_left_open, self._writer, repr(self))
@@ -121,6 +125,10 @@ class WorkspaceStore:
             rel = schema_file(tdef)
             if not self._storage.exists(rel):
                 self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()), exists_ok=True)
+                if rel != root_schema_file(tdef):
+                    # Older workspaces kept it at the table root, outside every `dataset=` folder,
+                    # which hive readers refuse (lake spec §3); it holds no rows.
+                    self._storage.delete(root_schema_file(tdef))
         try:
             catalog.ensure_catalog(self._storage)
         except catalog.CatalogError as exc:
@@ -140,6 +148,8 @@ class WorkspaceStore:
             self._publish()
             self._closed = True
             self._finalizer.detach()
+            if self._storage.generation != self._checkpointed_at:
+                self._checkpoint_quietly()
 
     def __enter__(self) -> WorkspaceStore:
         return self
@@ -694,8 +704,43 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             self._publish_for_read()
-            return compact_all(
+            result = compact_all(
                 self._storage, self._reads.cache, int(target_file_mb * 1048576), tables=tables, progress=progress
+            )
+            self._checkpoint_quietly()
+            return result
+
+    def checkpoint(self) -> CheckpointResult:
+        """Write the current-state manifest, ``_current/manifest.parquet``: the files that hold
+        exactly the current rows of every table, for engines that read Parquet without nirslake
+        (lake spec §11, docs/engines.md). Also done by ``close()`` after writes, ``compact``,
+        ``vacuum`` and ``check(repair=True)``; returns what it wrote."""
+        from .lake.checkpoint import write_checkpoint
+
+        with self._lock:
+            self._check_open()
+            self._publish_for_read()
+            return self._checkpoint(write_checkpoint)
+
+    def _checkpoint(self, write_checkpoint: Callable) -> CheckpointResult:
+        result = write_checkpoint(self._storage, self._reads.cache)
+        self._checkpointed_at = self._storage.generation
+        return result
+
+    def _checkpoint_quietly(self) -> None:
+        """A checkpoint after a write, warning instead of raising: the lake is the truth and is
+        intact; the manifest is a view of it that the next checkpoint brings up to date."""
+        from .lake.checkpoint import write_checkpoint
+
+        try:
+            self._checkpoint(write_checkpoint)
+        except Exception as exc:  # noqa: BLE001 - reported; nothing written to the lake is at stake
+            warnings.warn(
+                f"the current-state manifest of {self._workspace_path} was not updated ({type(exc).__name__}: {exc}); "
+                "the lake is intact and the store reads it; engines reading _current/manifest.parquet see the "
+                "previous checkpoint until `nirslake checkpoint` runs",
+                RuntimeWarning,
+                stacklevel=3,
             )
 
     def check(self, repair: bool = False, progress: Callable[[str], None] | None = None) -> CheckReport:
@@ -711,6 +756,8 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             self._publish_for_read()
+            if repair:  # before the purge: what the fresh checkpoint lists is what it must keep
+                self._checkpoint_quietly()
             return check_workspace(
                 self._storage,
                 self._reads.cache,

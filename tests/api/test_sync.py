@@ -52,9 +52,10 @@ def fill(workspace: str, tag: int, datasets=("corn", "wheat"), **store_kw) -> st
 
 
 def lake_files(workspace: str) -> set[str]:
-    """What a sync copies: the data files and the objects."""
+    """What a sync copies: the data files and the objects (not the checkpoints' copies, lake spec §11)."""
     storage = Storage(workspace)
-    return set(storage.list_files("tables")) | set(storage.list_files("objects", suffix=""))
+    tables = {rel for rel in storage.list_files("tables") if "/current-" not in rel}
+    return tables | set(storage.list_files("objects", suffix=""))
 
 
 def state(workspace: str, sql: bool = True) -> dict:
@@ -121,7 +122,8 @@ def interrupt_after(monkeypatch, target: str, k: int, exc: type[BaseException] =
     done: list[str] = []
 
     def publish(self, rel, *args, **kwargs):
-        if self.root == root and rel.startswith(("tables/", "objects/")):
+        # Lake files only: a checkpoint's resolved copies (lake spec §11) are the target's own.
+        if self.root == root and rel.startswith(("tables/", "objects/")) and "/current-" not in rel:
             if len(done) >= k:
                 raise exc("interrupted")
             done.append(rel)

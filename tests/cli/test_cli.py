@@ -21,7 +21,7 @@ from nirslake.lake.storage import Storage
 
 BIN = Path(sys.executable).parent
 NIRSLAKE = BIN / "nirslake"
-COMMANDS = ("demo", "runs", "top", "sql", "catalog", "compact", "check", "push", "pull", "shell", "serve", "plot")
+COMMANDS = ("demo", "runs", "top", "sql", "catalog", "compact", "checkpoint", "check", "push", "pull", "shell", "serve", "plot")
 ID = re.compile(r"\b[0-9a-f]{32}\b")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import shutil
 
 import numpy as np
 import polars as pl
@@ -32,38 +31,6 @@ pytestmark = [
 ]
 
 DATASETS = ["corn_m5", "a b/é", "123", "..", "50%=half", "wheat/" + "long name " * 20]
-
-
-@pytest.fixture(scope="session")
-def spark(tmp_path_factory):
-    """A local Spark session for the whole test session (the JVM starts once, ~10 s)."""
-    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        pytest.skip("Spark needs a Java runtime (17 or later): no `java` on PATH and no JAVA_HOME")
-    from pyspark.sql import SparkSession
-
-    saved = os.environ.get("SPARK_LOCAL_IP")
-    os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"  # no lookup of the host's address, no network
-    session = (
-        SparkSession.builder.master("local[2]")
-        .appName("nirslake-tests")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.driver.memory", "512m")
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.sql.shuffle.partitions", "4")
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.sql.warehouse.dir", str(tmp_path_factory.mktemp("spark-warehouse")))
-        .getOrCreate()
-    )
-    session.sparkContext.setLogLevel("ERROR")
-    try:
-        yield session
-    finally:
-        session.stop()
-        if saved is None:
-            os.environ.pop("SPARK_LOCAL_IP", None)
-        else:
-            os.environ["SPARK_LOCAL_IP"] = saved
 
 
 @pytest.fixture(scope="module")

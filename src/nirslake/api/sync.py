@@ -27,6 +27,7 @@ merged). docs/sync.md explains the choices.
 from __future__ import annotations
 
 import os
+import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ import pyarrow.parquet as pq
 
 from ..lake import schema as SCHEMA
 from ..lake.artifacts import OBJECTS_DIR
+from ..lake.checkpoint import COPY_PREFIX
 from ..lake.journal import JOURNAL_DIR
 from ..lake.journal import SUFFIX as JOURNAL_SUFFIX
 from ..lake.schema import COMMITS
@@ -205,6 +207,8 @@ def sync(
         # them, adds any missing schema file, and publishes the target's own crashed writers.
         with WorkspaceStore(target, storage_options=target_options, fsync=fsync) as store:
             result.missing_bytes = _records_without_bytes(store)
+            if copied or commits:  # the target's manifest is its own (lake spec §11)
+                store._checkpoint_quietly()
         if not result.vanished and not result.missing_bytes:
             break
     result.files_skipped = len(skipped - copied)
@@ -268,7 +272,8 @@ def _plan(src: Storage, dst: Storage) -> _Plan:
     data = {
         rel: size
         for rel, size in src.list_sizes("tables", ".parquet").items()
-        if _table(rel) != COMMITS.name or is_schema_file(rel)  # the schema file holds no commit
+        if (_table(rel) != COMMITS.name or is_schema_file(rel))  # the schema file holds no commit
+        and not posixpath.basename(rel).startswith(COPY_PREFIX)  # the source's checkpoints' own (§11)
     }
     objects = src.list_sizes(OBJECTS_DIR)
     have = {**dst.list_sizes("tables", ".parquet"), **dst.list_sizes(OBJECTS_DIR)}

@@ -187,6 +187,12 @@ def cmd_compact(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> None:
+    with _open(args.workspace) as store:
+        result = store.checkpoint()
+    print(result.summary())
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from ..store import WorkspaceStore
 
@@ -258,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compact", cmd_compact, "merge each partition's small files into larger ones (safe while others read and write)")
     p.add_argument("--target-mb", type=float, default=128, help="size of the merged files in MiB (default 128)")
     p.add_argument("--table", action="append", help="only this table (repeatable; default: every table)")
+
+    add("checkpoint", cmd_checkpoint, "write _current/manifest.parquet: the files holding exactly the current rows, for engines without nirslake")
 
     p = add("check", cmd_check, "verify data files, artifact hashes and parent links; list (and --repair) leftovers")
     p.add_argument("--repair", action="store_true", help="delete leftovers older than the grace period; problems are only reported")

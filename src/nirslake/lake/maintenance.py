@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow as pa
 
 from . import schema as S
+from .checkpoint import COPY_PREFIX, retention
 from .journal import JOURNAL_DIR
 from .rules import resolve
 from .storage import STAGING_DIR, Storage
@@ -44,21 +45,29 @@ def leftovers(storage: Storage, cache: FileCache, cutoff_us: int) -> dict[str, l
 
     ``superseded``: files a counting commit replaced; ``uncommitted``: compaction output no
     counting commit made visible (a crashed, losing or still running compaction);
-    ``staging``: half-written files of crashed writers (and journal segments they never named). Artifact objects are left to
+    ``staging``: half-written files of crashed writers (and journal segments they never named);
+    ``checkpoints`` no reader uses any more and the ``resolved copies`` none in use lists (lake
+    spec §11): a file a checkpoint in use lists is never superseded (checkpoints list only visible
+    files, so never uncommitted output either). Artifact objects are left to
     ``gc_artifacts`` and ``check``. Ages are the storage's modification times (when a commit
     landed, when a file was written), never a writer's clock: a compactor whose clock is behind
     gets neither its replaced files deleted early nor its output taken for old.
     """
+    # The checkpoints before the tables: a copy written after this listing is younger than the cutoff.
+    listed_by_checkpoints, found_checkpoints = retention(storage, cutoff_us)
     commits, added, _ = counting_commits(storage, cache)
     landed = storage.list_modified(S.COMMITS.dir) if commits else {}
     counted_removed = {name for c in commits if landed.get(c.rel, cutoff_us) < cutoff_us for name in c.removed}
-    found: dict[str, list[str]] = {"superseded": [], "uncommitted": [], "staging": []}
+    found: dict[str, list[str]] = {"superseded": [], "uncommitted": [], "staging": [], "checkpoints": found_checkpoints, "resolved copies": []}
     for rel in storage.list_files("tables"):
         name = posixpath.basename(rel)
         if name in counted_removed:
-            found["superseded"].append(rel)
+            if rel not in listed_by_checkpoints:
+                found["superseded"].append(rel)
         elif name.startswith(COMPACT_PREFIX) and name not in added and (storage.modified_us(rel) or 0) < cutoff_us:
             found["uncommitted"].append(rel)
+        elif name.startswith(COPY_PREFIX) and rel not in listed_by_checkpoints and (storage.modified_us(rel) or 0) < cutoff_us:
+            found["resolved copies"].append(rel)
     # A journal segment is created under a hidden .tmp name, then named (lake spec §6): one left
     # unnamed by a crash holds no acknowledged record.
     found["staging"] = [

@@ -90,7 +90,15 @@ def partition_dir(tdef: TableDef, value: str | None) -> str:
 
 
 def schema_file(tdef: TableDef) -> str:
-    """The empty file that fixes a table's schema for globbing engines (lake spec §3)."""
+    """The empty file that fixes a table's schema for globbing engines (lake spec §3). A
+    partitioned table's lies in a partition folder (``dataset=__null__``): a hive reader of the
+    table folder finds every file under a ``dataset=`` folder."""
+    folder = tdef.dir if tdef.partition_by is None else partition_dir(tdef, None)
+    return f"{folder}/{DATA_PREFIX}00000000000000-schema-v{FORMAT_VERSION}.parquet"
+
+
+def root_schema_file(tdef: TableDef) -> str:
+    """Where workspaces made before the partitioned tables' schema files moved hold them (removed on open)."""
     return f"{tdef.dir}/{DATA_PREFIX}00000000000000-schema-v{FORMAT_VERSION}.parquet"
 
 
