@@ -8,7 +8,6 @@ every rule in play: awkward dataset names, several runs and flushes, predictions
 
 from __future__ import annotations
 
-import os
 import posixpath
 
 import numpy as np
