@@ -38,12 +38,15 @@ from .tables import (
     CLOCK,
     FileCache,
     Snapshot,
+    empty_table,
     lookup,
     new_id,
+    polars_schema,
     read_files,
     schema_file,
     take_snapshot,
     to_parquet_bytes,
+    with_rows,
 )
 from .writer import (
     DEFAULT_FLUSH_BYTES,
@@ -359,7 +362,7 @@ class WorkspaceStore:
         for tdef in S.TABLES.values():
             rel = schema_file(tdef)
             if not self._storage.exists(rel):
-                self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()), exists_ok=True)
+                self._storage.publish(rel, to_parquet_bytes(empty_table(tdef.schema)), exists_ok=True)
         try:
             catalog.ensure_catalog(self._storage)
         except catalog.CatalogError as exc:
@@ -456,14 +459,17 @@ class WorkspaceStore:
         cache_key = (tdef.name, dataset_name, tuple(rels), tuple(deletion_rels))
         if cache_key in self._resolved:
             return self._resolved[cache_key].lazy()
-        deletions = pl.from_arrow(read_files(self._storage, S.DELETIONS, self._cache, deletion_rels)).lazy()
-        raw = pl.from_arrow(read_files(self._storage, tdef, self._cache, rels))
+        deletion_data, data = with_rows(deletion_rels), with_rows(rels)
+        deletions = pl.concat(self._cache.frames(self._storage, deletion_data, S.DELETIONS)) if deletion_data else None
+        raw = pl.concat(self._cache.frames(self._storage, data, tdef)) if data else pl.DataFrame(schema=polars_schema(tdef))
         # Most tables hold each key once (a sweep rarely re-saves): then there is no version to pick.
         keys_unique = tdef.version_column is not None and raw[tdef.key].n_unique() == raw.height
         frame = raw.lazy()
         if part is not ...:
             frame = frame.filter(pl.col("dataset_name") == dataset_name)
-        resolved = resolve(frame, tdef, deletions, keys_unique).collect()
+        # No deletion records (the common case): nothing to join them with.
+        live = None if deletions is None or deletions.height == 0 else deletions.lazy()
+        resolved = resolve(frame, tdef, live, keys_unique).collect()
         self._resolved = {k: v for k, v in self._resolved.items() if k[:2] != cache_key[:2]}
         self._resolved[cache_key] = resolved
         return resolved.lazy()
@@ -479,12 +485,7 @@ class WorkspaceStore:
         if tdef.row_group_rows:
             rows = lookup(self._storage, tdef, self._cache, rels, {key})
         else:
-            pieces = []
-            for rel in rels:
-                positions = self._cache.positions(self._storage, rel, tdef).get(key)
-                if positions:
-                    pieces.append(self._cache.read(self._storage, rel, tdef.schema).take(positions))
-            rows = pa.concat_tables(pieces) if pieces else tdef.schema.empty_table()
+            rows = self._cache.key_rows(self._storage, with_rows(rels), tdef, key)
         _observe_stamps(rows, tdef, self._deleted[1], key)
         return resolve_one(rows, tdef, self._deleted[1])
 
