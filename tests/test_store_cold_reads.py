@@ -230,3 +230,28 @@ def test_the_read_path_does_not_import_pandas(workspace, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_read_lists_only_the_tables_it_reads(workspace, monkeypatch):
+    """Each listing is a LIST request on an object store: a read lists the commits, its tables
+    (children before parents) and the deletions, not all nine tables."""
+    facts = build_lake(workspace)
+    with WorkspaceStore(workspace) as store:
+        listed: list[str] = []
+        real = store.storage.list_files
+
+        def listing(rel_dir, *args, **kwargs):
+            listed.append(rel_dir)
+            return real(rel_dir, *args, **kwargs)
+
+        monkeypatch.setattr(store.storage, "list_files", listing)
+        expected = {
+            "top": (lambda: store.top_predictions(3), ["commits", "predictions", "deletions"]),
+            "arrays": (lambda: store.get_prediction(sorted(facts["live"])[0], load_arrays=True),
+                       ["commits", "prediction_arrays", "predictions", "deletions"]),
+            "runs": (lambda: store.list_runs(), ["commits", "runs", "deletions"]),
+        }
+        for name, (read, tables_listed) in expected.items():
+            listed.clear()
+            read()
+            assert listed == [f"tables/{t}" for t in tables_listed], name

@@ -142,7 +142,7 @@ def test_a_large_publication_encoded_on_several_threads_writes_the_files_one_thr
         assert pq.read_table(Storage(mine).path(rel)).equals(pq.read_table(Storage(single).path(rel)))
 
 
-def test_measured_columns_are_written_without_a_dictionary_and_read_back_the_same():
+def test_measured_columns_are_written_without_a_dictionary_or_per_sample_statistics_and_read_back_the_same():
     rng = np.random.default_rng(9)
     table = pa.table({
         "prediction_id": ["a", "b", "c"],
@@ -152,10 +152,15 @@ def test_measured_columns_are_written_without_a_dictionary_and_read_back_the_sam
         "sample_indices": pa.array([np.arange(50), None, []], pa.list_(pa.int64())),
     })
     data = tables.to_parquet_bytes(table, 2)
+    dictionary, statistics = tables.encoded_columns(table.schema)
+    assert "y_true.list.element" not in statistics and "val_score" in statistics and "prediction_id" in statistics
     meta = pq.ParquetFile(io.BytesIO(data)).metadata.row_group(0)
     encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
     assert "RLE_DICTIONARY" not in encodings["y_true.list.element"]
     assert "RLE_DICTIONARY" not in encodings["y_proba.list.element.list.element"]
     assert "RLE_DICTIONARY" not in encodings["val_score"]
     assert "RLE_DICTIONARY" in encodings["prediction_id"] and "RLE_DICTIONARY" in encodings["sample_indices.list.element"]
+    stats = {meta.column(i).path_in_schema: meta.column(i).statistics for i in range(meta.num_columns)}
+    assert stats["y_true.list.element"] is None and stats["y_proba.list.element.list.element"] is None
+    assert stats["prediction_id"].has_min_max and stats["val_score"].has_min_max
     assert pq.read_table(io.BytesIO(data)).equals(table)

@@ -241,6 +241,13 @@ def _with_suffix(output_path: str | os.PathLike, suffix: str) -> Path:
     return path if path.suffix else path.with_suffix(suffix)
 
 
+def _listed_for(tdef: S.TableDef) -> tuple[str, ...] | None:
+    """The tables a read of ``tdef`` lists (the commits and deletions come with any): its own,
+    not all nine; on an object store each is a LIST request (issue 11). Arrays are shown only with
+    their prediction (lake spec §5.4), so a read of them lists every table, predictions after."""
+    return None if tdef is S.PREDICTION_ARRAYS else (tdef.name,)
+
+
 class _Recent(OrderedDict):
     """A dict of the most recently set entries only: what this process wrote lately, so hot-path
     writes find their parent without a lake read while memory does not grow with the workspace.
@@ -419,6 +426,8 @@ class WorkspaceStore:
         """Publish this process's writes, then list the lake once for the reads of one call."""
         if publish:
             self._publish_for_read()
+        if self._listing_ttl and getattr(self._lease_scope, "on", False):
+            tables = None  # one listing of every table serves all reads of the lease: one state, whole
         snap = self._leased_snapshot(tables)
         if snap is None:
             # The lease counts from before the listing: the state it shows is that old.
@@ -452,7 +461,7 @@ class WorkspaceStore:
 
         The resolved table is cached until a file of the table, or a deletion, comes or goes.
         """
-        snap = snap or self._snapshot()
+        snap = snap or self._snapshot(tables=_listed_for(tdef))
         part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
         rels = snap.table_files(tdef, part)
         deletion_rels = snap.table_files(S.DELETIONS)
@@ -479,7 +488,7 @@ class WorkspaceStore:
     ) -> dict | None:
         """The current row of one key, found through per-file key positions (or row-group
         statistics for arrays) instead of a scan."""
-        snap = snap or self._snapshot()
+        snap = snap or self._snapshot(tables=_listed_for(tdef))
         part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
         rels = snap.table_files(tdef, part)
         if tdef.row_group_rows:
@@ -884,7 +893,7 @@ class WorkspaceStore:
         _text("prediction_id", prediction_id, allow_none=False)
         with self._lock:
             self._check_open()
-            snap = self._snapshot()
+            snap = self._snapshot(tables=("predictions", "prediction_arrays") if load_arrays else ("predictions",))
             row = self._row(S.PREDICTIONS, prediction_id, snap=snap)
             if row is None:
                 return None
@@ -963,7 +972,7 @@ class WorkspaceStore:
         _text("prediction_id", prediction_id, allow_none=False)
         with self._lock:
             self._check_open()
-            snap = self._snapshot()
+            snap = self._snapshot(tables=("predictions", "prediction_arrays"))
             row = self._row(S.PREDICTIONS, prediction_id, snap=snap)
             if row is None:
                 return False

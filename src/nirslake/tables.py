@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -138,28 +139,40 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 def to_parquet_bytes(table: pa.Table, row_group_rows: int | None = None) -> bytes:
     sink = io.BytesIO()
+    dictionary, statistics = encoded_columns(table.schema)
     pq.write_table(
-        table, sink, compression="zstd", write_statistics=True, row_group_size=row_group_rows,
-        use_dictionary=dictionary_columns(table.schema),
+        table, sink, compression="zstd", write_statistics=statistics, row_group_size=row_group_rows,
+        use_dictionary=dictionary,
     )
     return sink.getvalue()
 
 
 @functools.lru_cache(maxsize=64)
-def dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The leaf columns worth a dictionary: all but floating-point ones. Measured values (scores,
-    per-sample arrays) rarely repeat: a dictionary of them costs half the encoding time of the
-    arrays and about a sixth more bytes than plain values (issue 11)."""
-    def leaves(name: str, kind: pa.DataType):
+def encoded_columns(schema: pa.Schema) -> tuple[list[str], list[str]]:
+    """(leaf columns worth a dictionary, leaf columns worth min/max statistics).
+
+    Measured values (scores, per-sample arrays) rarely repeat: a dictionary of them costs half
+    the encoding time of the arrays and about a sixth more bytes than plain values. Statistics
+    of per-sample values (the floats inside lists) prune nothing anyone asks for and were most
+    of an arrays file's footer, which a remote lookup fetches first (issue 11)."""
+    dictionary, statistics = [], []
+
+    def leaves(name: str, kind: pa.DataType, in_list: bool):
         if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-            yield from leaves(f"{name}.list.element", kind.value_type)
+            leaves(f"{name}.list.element", kind.value_type, True)
         elif pa.types.is_struct(kind):
             for field in kind:
-                yield from leaves(f"{name}.{field.name}", field.type)
-        elif not pa.types.is_floating(kind):
-            yield name
+                leaves(f"{name}.{field.name}", field.type, in_list)
+        else:
+            measured = pa.types.is_floating(kind)
+            if not measured:
+                dictionary.append(name)
+            if not (measured and in_list):
+                statistics.append(name)
 
-    return [leaf for field in schema for leaf in leaves(field.name, field.type)]
+    for field in schema:
+        leaves(field.name, field.type, False)
+    return dictionary, statistics
 
 
 def write_table(
@@ -411,12 +424,16 @@ class FileCache:
         return hit
 
     def metadata(self, storage: Storage, rel: str) -> pq.FileMetaData:
-        """A file's Parquet footer (row-group statistics), read once."""
+        """A file's Parquet footer (row-group statistics), read once: on object stores from the
+        file's tail alone (one ranged GET, two when the footer is larger than the first guess)."""
         with self._lock:
             hit = self._footers.get(rel)
         if hit is None:
-            with _decoding(rel), storage.open_arrow(rel) as fh:
-                hit = pq.ParquetFile(fh).metadata
+            if storage.is_local:
+                with _decoding(rel), storage.open_arrow(rel) as fh:
+                    hit = pq.ParquetFile(fh).metadata
+            else:
+                hit = _remote_footer(storage, rel)
             with self._lock:
                 self._footers[rel] = hit
         return hit
@@ -612,6 +629,61 @@ def visible_files(
     ]
 
 
+FOOTER_GUESS = 256 * 1024  # bytes of a remote file's tail fetched for its footer at first
+
+
+def _remote_footer(storage: Storage, rel: str) -> pq.FileMetaData:
+    """The footer of a remote Parquet file from its last bytes: ``<footer><length:4><PAR1>``."""
+    tail = storage.read_tail(rel, FOOTER_GUESS)
+    with _decoding(rel):
+        if len(tail) < 12 or tail[-4:] != b"PAR1":
+            raise ValueError("no Parquet footer at the end of the file")
+        length = int.from_bytes(tail[-8:-4], "little")
+        if length + 8 > len(tail):
+            tail = storage.read_tail(rel, length + 8)
+            if length + 8 > len(tail):
+                raise ValueError(f"the footer claims {length} bytes, more than the file holds")
+        return pq.read_metadata(pa.BufferReader(arrow_owned(tail[len(tail) - length - 8 :])))
+
+
+def row_group_spans(meta: pq.FileMetaData, groups: list[int]) -> list[tuple[int, int]]:
+    """The byte ranges holding ``groups``' column chunks, adjacent ones merged."""
+    spans = []
+    for g in groups:
+        row_group = meta.row_group(g)
+        for i in range(row_group.num_columns):
+            chunk = row_group.column(i)
+            start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+            spans.append((start, start + chunk.total_compressed_size))
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(start, end) for start, end in merged]
+
+
+def _read_row_groups(storage: Storage, rel: str, meta: pq.FileMetaData, groups: list[int]) -> pa.Table:
+    """Row groups of a file; on object stores by ranged GETs of their column chunks only (an
+    array lookup fetched the whole file of its partition before, issue 11)."""
+    if storage.is_local:
+        with _decoding(rel), storage.open_arrow(rel) as fh:
+            return pq.ParquetFile(fh, metadata=meta).read_row_groups(groups)  # footer parsed once
+    spans = row_group_spans(meta, groups)
+    if not spans:
+        return empty_table(meta.schema.to_arrow_schema())
+    # A file as long as the last byte needed, holding only the fetched ranges: the reader, given
+    # the footer, reads nothing else. np.zeros maps fresh zero pages: the rest costs no memory.
+    sparse = np.zeros(spans[-1][1], dtype=np.uint8)
+    for (start, end), data in zip(spans, storage.read_ranges(rel, spans)):
+        if len(data) != end - start:
+            raise CorruptFileError(rel, ValueError(f"bytes {start}-{end} are past the end of the file"))
+        sparse[start:end] = np.frombuffer(data, dtype=np.uint8)
+    with _decoding(rel):
+        return pq.ParquetFile(pa.BufferReader(pa.py_buffer(sparse)), metadata=meta).read_row_groups(groups)
+
+
 def lookup(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str], keys: set[str]) -> pa.Table:
     """The rows of ``keys`` from large files (arrays), reading only row groups whose key range
     (min/max statistics) can hold one: ids sort by time, so a lookup touches few row groups."""
@@ -620,10 +692,9 @@ def lookup(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str], 
         meta = cache.metadata(storage, rel)
         groups = [g for g, (low, high) in enumerate(cache.key_ranges(storage, rel, tdef.key)) if any(low <= k <= high for k in keys)]
         if groups:
-            with _decoding(rel), storage.open_arrow(rel) as fh:
-                part = pq.ParquetFile(fh, metadata=meta).read_row_groups(groups)  # footer parsed once
-                hits = [i for i, k in enumerate(part.column(tdef.key).to_pylist()) if k in keys]
-                found.append(conform(take_rows(part, hits), tdef.schema))
+            part = _read_row_groups(storage, rel, meta, groups)
+            hits = [i for i, k in enumerate(part.column(tdef.key).to_pylist()) if k in keys]
+            found.append(conform(take_rows(part, hits), tdef.schema))
     return pa.concat_tables(found) if found else empty_table(tdef.schema)
 
 
