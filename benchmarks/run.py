@@ -24,7 +24,7 @@ from datetime import date
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from workloads import Sweep, floor, queries, sweep  # noqa: E402
+from workloads import Sweep, floor, queries, startup, sweep  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -33,14 +33,16 @@ def worker(args: argparse.Namespace) -> None:
         result = sweep(args.store, args.workspace, size)
     elif args.worker == "queries":
         result = queries(args.store, args.workspace, size)
+    elif args.worker == "startup":
+        result = startup(args.store, args.workspace, repeat=3 if args.smoke else 5)
     else:
         result = floor(args.workspace, size)
     print("RESULT " + json.dumps(result))
 
 
-def spawn(task: str, store: str, workspace: str, size: Sweep) -> dict:
+def spawn(task: str, store: str, workspace: str, size: Sweep, smoke: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", task, "--store", store,
-           "--workspace", workspace, "--size", json.dumps(asdict(size))]
+           "--workspace", workspace, "--size", json.dumps(asdict(size))] + (["--smoke"] if smoke else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"benchmark worker {task}/{store} failed:\n{done.stdout}\n{done.stderr}")
@@ -82,7 +84,7 @@ def ratio(peer: float | None, ours: float, higher_is_better: bool = False) -> st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=["sweep", "queries", "floor"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["sweep", "queries", "startup", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--store", default="nirslake", help=argparse.SUPPRESS)
     parser.add_argument("--workspace", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -112,6 +114,8 @@ def main() -> None:
             ws = os.path.join(root, store)
             print(f"[{store}] sweep of {size.predictions:,} predictions ...", file=sys.stderr, flush=True)
             results[store] = spawn("sweep", store, ws, size)
+            print(f"[{store}] fresh processes: import, top-10 ...", file=sys.stderr, flush=True)
+            results[store] |= spawn("startup", store, ws, size, smoke=args.smoke)
             print(f"[{store}] queries ...", file=sys.stderr, flush=True)
             results[store] |= spawn("queries", store, ws, size)
             shutil.rmtree(ws, ignore_errors=True)
@@ -165,6 +169,16 @@ def render(results: dict, size: Sweep, scale: int) -> str:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
+    shell = ours.get("duckdb_shell_top_s")
+    lines += [
+        "",
+        "| fresh process (median of 5) | peer (nirs4all) | nirslake | peer / nirslake | DuckDB shell |",
+        "|---|---|---|---|---|",
+        f"| python -c pass (the interpreter alone) | {fmt_s(p('python_s')) if peer else '-'} | {fmt_s(ours['python_s'])} | | |",
+        f"| import the store | {fmt_s(p('import_s')) if peer else '-'} | {fmt_s(ours['import_s'])} | {ratio(p('import_s'), ours['import_s'])} | |",
+        f"| top-10 per dataset, whole process (`nirslake top`; the peer: a script) | {fmt_s(p('cli_top_s')) if peer else '-'} "
+        f"| {fmt_s(ours['cli_top_s'])} | {ratio(p('cli_top_s'), ours['cli_top_s'])} | {fmt_s(shell) if shell else 'no duckdb CLI'} |",
+    ]
     lines += [
         "",
         "| floor: pyarrow alone, same arrays | rate | nirslake ingest as share of it | target |",

@@ -60,6 +60,75 @@ def start_endpoint() -> str:
     return endpoint
 
 
+PROJECTED_REQUEST_S = 0.020  # a request's latency on a real object store, for the projection
+PROJECTED_BYTES_PER_S = 100e6  # and its bandwidth
+
+
+class ClientRequests:
+    """Counts, in the worker's own S3 client, each request by kind and the bytes it moved (the
+    response's length for reads, the body's for writes): botocore's events see every call."""
+
+    def __init__(self, fs) -> None:
+        self.kinds: Counter = Counter()
+        self.bytes = 0
+        client = fs.s3
+        client.meta.events.register("before-call.s3", self._before)
+        client.meta.events.register("after-call.s3", self._after)
+
+    def _before(self, model=None, params=None, **_kw) -> None:
+        body = (params or {}).get("body")
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            self.bytes += len(body)
+
+    def _after(self, http_response=None, model=None, **_kw) -> None:
+        name = {"GetObject": "GET", "PutObject": "PUT", "HeadObject": "HEAD", "ListObjectsV2": "LIST",
+                "DeleteObject": "DELETE", "DeleteObjects": "DELETE"}.get(model.name, model.name)
+        self.kinds[name] += 1
+        if name == "GET":
+            self.bytes += int(http_response.headers.get("content-length", 0) or 0)
+
+    def take(self) -> tuple[dict, int]:
+        taken = (dict(self.kinds), self.bytes)
+        self.kinds, self.bytes = Counter(), 0
+        return taken
+
+
+def operations_worker(workspace: str, size: Sweep) -> dict:
+    """One fresh process on the S3 workspace: each read, first and again, with its requests."""
+    import time
+
+    import numpy as np
+
+    from workloads import open_store
+
+    store = open_store("nirslake", workspace)
+    counter = ClientRequests(store.storage.fs)
+    counter.take()
+    out: dict = {}
+
+    def measure(label, fn):
+        t0 = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - t0
+        kinds, moved = counter.take()
+        out[label] = {"requests": kinds, "bytes": moved, "s": elapsed}
+
+    measure("top-10 per dataset, first call", lambda: store.top_predictions(10, group_by="dataset_name"))
+    measure("top-10 per dataset, again", lambda: store.top_predictions(10, group_by="dataset_name"))
+    measure("query_predictions(dataset, val)", lambda: store.query_predictions(dataset_name="dataset_0", partition="val"))
+    ids = store.query_predictions(dataset_name=f"dataset_{size.datasets - 1}")["prediction_id"].to_list()
+    counter.take()
+    chosen = [ids[i] for i in np.random.default_rng(3).choice(len(ids), size=min(21, len(ids)), replace=False)]
+    measure("get_prediction with arrays, first (reads the footer)", lambda: store.get_prediction(chosen[0], load_arrays=True))
+    measure("get_prediction with arrays, footer known", lambda: store.get_prediction(chosen[1], load_arrays=True))
+    measure("arrays of 20 predictions", lambda: [store.get_prediction(pid, load_arrays=True) for pid in chosen[1:]])
+    run_id = store.list_runs()["run_id"][0]
+    counter.take()
+    measure("delete_run", lambda: store.delete_run(run_id))
+    store.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", type=int, default=2)
@@ -97,7 +166,52 @@ def main() -> None:
                 "ingest_requests": after_ingest - before,
                 "query_requests": Counter(counter.counts) - after_ingest,
             }
+        # Per operation, in fresh processes: a sweep written on S3 (a file per table per
+        # durability point), and a local sweep copied to the bucket (a few large files).
+        spawn("sweep", "nirslake", "s3://bench/ws-ops", size)
+        local_sweep = os.path.join(tmp, "ws-copied")
+        spawn("sweep", "nirslake", local_sweep, size)
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).put(local_sweep + "/", "bench/ws-copied", recursive=True)
+        operations = {layout: operations_spawn(url, size) for layout, url in
+                      (("written on S3", "s3://bench/ws-ops"), ("copied from a local sweep", "s3://bench/ws-copied"))}
     print(render(results, size))
+    print()
+    print(render_operations(operations))
+
+
+def operations_spawn(workspace: str, size: Sweep) -> dict:
+    import json
+    import subprocess
+    from dataclasses import asdict
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--operations-worker", workspace, json.dumps(asdict(size))]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"operations worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def render_operations(operations: dict) -> str:
+    """Requests and bytes of each read, and what they would take at 20 ms a request and 100 MB/s
+    (one request after another: reads of many files send up to 64 at once, so less)."""
+    lines = [
+        f"| operation (fresh process) | layout | GET | LIST | HEAD | other | bytes | projected "
+        f"({PROJECTED_REQUEST_S * 1e3:g} ms/request, {PROJECTED_BYTES_PER_S / 1e6:g} MB/s) | measured (moto) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for layout, ops in operations.items():
+        for label, op in ops.items():
+            kinds = dict(op["requests"])
+            gets, lists, heads = kinds.pop("GET", 0), kinds.pop("LIST", 0), kinds.pop("HEAD", 0)
+            other = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "0"
+            total = gets + lists + heads + sum(kinds.values())
+            projected = total * PROJECTED_REQUEST_S + op["bytes"] / PROJECTED_BYTES_PER_S
+            lines.append(f"| {label} | {layout} | {gets} | {lists} | {heads} | {other} | {op['bytes']:,} | "
+                         f"{fmt_s(projected)} | {fmt_s(op['s'])} |")
+    return "\n".join(lines)
 
 
 def render(results: dict, size: Sweep) -> str:
@@ -137,7 +251,12 @@ def render(results: dict, size: Sweep) -> str:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
+    if "--operations-worker" in sys.argv:
+        import json
+
+        _, _, workspace, size_json = sys.argv
+        print("RESULT " + json.dumps(operations_worker(workspace, Sweep(**json.loads(size_json)))))
+    elif "--worker" in sys.argv:
         from run import main as run_main
 
         run_main()

@@ -221,3 +221,51 @@ def floor(workspace: str, sweep: Sweep) -> dict:
         "one_file_rate": sweep.predictions / one_file,
         "per_pipeline_rate": sweep.predictions / per_file,
     }
+
+
+# The same question in every fresh process: the best 10 validation predictions of each dataset.
+TOP10_SQL = (
+    "SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY dataset_name ORDER BY val_score ASC NULLS LAST) AS rank "
+    "FROM predictions WHERE partition = 'val') WHERE rank <= 10 ORDER BY dataset_name, rank"
+)
+PEER_TOP10 = (
+    "import sys; from nirs4all.pipeline.storage.workspace_store import WorkspaceStore; "
+    "print(WorkspaceStore(sys.argv[1]).top_predictions(10, group_by='dataset_name').height)"
+)
+
+
+def _wall(cmd: list[str], repeat: int) -> float:
+    """Median wall time of ``cmd`` run ``repeat`` times, each a fresh process (it must succeed)."""
+    import subprocess
+    import sys
+
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        times.append(time.perf_counter() - t0)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cmd} failed: {done.stderr[-2000:]}")
+    del sys
+    return statistics.median(times)
+
+
+def startup(store_name: str, workspace: str, repeat: int = 5) -> dict:
+    """Fresh processes on the reopened workspace: the interpreter alone, the import, and the
+    top-10 per dataset answered by a whole process (CLI or script; the DuckDB shell beside it)."""
+    import sys
+    from pathlib import Path
+
+    python = sys.executable
+    out = {"python_s": _wall([python, "-c", "pass"], repeat)}
+    if store_name == "nirslake":
+        out["import_s"] = _wall([python, "-c", "import nirslake"], repeat)
+        out["cli_top_s"] = _wall([python, "-m", "nirslake.cli", "top", "--workspace", workspace, "-n", "10", "--by", "dataset_name"], repeat)
+        shell = Path(python).with_name("duckdb")
+        if shell.exists():
+            catalog = str(Path(workspace) / "catalog.duckdb")
+            out["duckdb_shell_top_s"] = _wall([str(shell), "-readonly", catalog, TOP10_SQL], repeat)
+    else:
+        out["import_s"] = _wall([python, "-c", "import nirs4all.pipeline.storage.workspace_store"], repeat)
+        out["cli_top_s"] = _wall([python, "-c", PEER_TOP10, workspace], repeat)
+    return out

@@ -29,7 +29,7 @@ from .api.replay import replay_chain
 from .lake import artifacts as art
 from .lake import schema as S
 from .lake.storage import Storage
-from .lake.tables import CLOCK, new_id, root_schema_file, schema_file, to_parquet_bytes
+from .lake.tables import CLOCK, empty_table, new_id, root_schema_file, schema_file, to_parquet_bytes
 from .lake.writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, DEFAULT_FLUSH_SECONDS, LakeWriter, flush_left_open, recover_orphans
 from .query import catalog, top_k
 
@@ -124,7 +124,7 @@ class WorkspaceStore:
         for tdef in S.TABLES.values():
             rel = schema_file(tdef)
             if not self._storage.exists(rel):
-                self._storage.publish(rel, to_parquet_bytes(tdef.schema.empty_table()), exists_ok=True)
+                self._storage.publish(rel, to_parquet_bytes(empty_table(tdef.schema)), exists_ok=True)
                 if rel != root_schema_file(tdef):
                     # Older workspaces kept it at the table root, outside every `dataset=` folder,
                     # which hive readers refuse (lake spec §3); it holds no rows.
@@ -407,7 +407,7 @@ class WorkspaceStore:
         V.text("prediction_id", prediction_id, allow_none=False)
         with self._lock:
             self._check_open()
-            snap = self._reads.snapshot()
+            snap = self._reads.snapshot(tables=("predictions", "prediction_arrays") if load_arrays else ("predictions",))
             row = self._reads.row(S.PREDICTIONS, prediction_id, snap=snap)
             if row is None:
                 return None
@@ -469,7 +469,7 @@ class WorkspaceStore:
         V.text("prediction_id", prediction_id, allow_none=False)
         with self._lock:
             self._check_open()
-            snap = self._reads.snapshot()
+            snap = self._reads.snapshot(tables=("predictions", "prediction_arrays"))
             row = self._reads.row(S.PREDICTIONS, prediction_id, snap=snap)
             if row is None:
                 return False

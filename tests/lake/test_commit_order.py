@@ -330,7 +330,8 @@ def test_a_long_lived_reader_forgets_the_files_compaction_replaced(tmp_path):
                 maintainer.vacuum()
                 maintainer.vacuum()  # the second purges what the first replaced
         assert reader.get_pipeline_log(pipe).height == 2 * ROWS_PER_FILE + 12 * ROWS_PER_FILE
-        cached = set(reader._reads.cache._tables) | set(reader._reads.cache._footers)
+        cached = set(reader._reads.cache._tables) | set(reader._reads.cache._frames) | set(reader._reads.cache._footers)
+        assert cached, "the reader cached no file: this test would check nothing"
         on_disk = set(storage.list_files("tables"))
         assert cached <= on_disk, sorted(cached - on_disk)
         visible_logs = set(take_snapshot(storage, FileCache(), ("logs",)).table_files(S.LOGS))

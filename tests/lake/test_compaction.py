@@ -78,7 +78,8 @@ def fill(workspace, runs=3, pipelines=4, preds=5, samples=3) -> list[str]:
                         pipe, chain, ("corn", "wheat")[p % 2], "PLS", "PLS", str(k), "val", float(k), 1.0, 0.5,
                         "rmse", "regression", 3, 10, {}, {}, None, None, 0, 0.0, "SNV", None,
                     )
-                    y = np.random.default_rng(k + 10 * p).normal(size=samples) if samples > 3 else np.arange(3.0)
+                    # Every array its own values (no two runs alike): sizes then follow the sample count
+                    y = np.random.default_rng(k + 10 * p + 1000 * r).normal(size=samples) if samples > 3 else np.arange(3.0)
                     store.save_prediction_arrays(pid, y, y + k)
                 store.complete_pipeline(pipe, 0.1, 0.2, "rmse", 5)
                 store.flush()

@@ -22,7 +22,7 @@ from ..lake import schema as S
 from ..lake.arrays import ARRAY_FIELDS, to_numpy
 from ..lake.rules import _ENTITY_DELETIONS, Deleted, resolve, resolve_one
 from ..lake.storage import Storage
-from ..lake.tables import CLOCK, FileCache, Snapshot, lookup, read_files, take_snapshot
+from ..lake.tables import CLOCK, FileCache, Snapshot, lookup, polars_schema, read_files, take_snapshot, with_rows
 from . import validation as V
 
 
@@ -45,6 +45,13 @@ def leasable(method: Callable) -> Callable:
     return read
 
 
+def listed_for(tdef: S.TableDef) -> tuple[str, ...] | None:
+    """The tables a read of ``tdef`` lists (the commits and deletions come with any): its own,
+    not all nine; on an object store each is a LIST request (issue 11). Arrays are shown only with
+    their prediction (lake spec §5.4), so a read of them lists every table, predictions after."""
+    return None if tdef is S.PREDICTION_ARRAYS else (tdef.name,)
+
+
 class LakeReads:
     """What one store reads: ``publish_for_read`` runs before a call's listing, so a process
     always reads its own writes (lake spec §6)."""
@@ -65,6 +72,8 @@ class LakeReads:
         """Publish this process's writes, then list the lake once for the reads of one call."""
         if publish:
             self._publish_for_read()
+        if self.listing_ttl and getattr(self.lease_scope, "on", False):
+            tables = None  # one listing of every table serves all reads of the lease: one state, whole
         snap = self._leased_snapshot(tables)
         if snap is None:
             # The lease counts from before the listing: the state it shows is that old.
@@ -98,21 +107,24 @@ class LakeReads:
 
         The resolved table is cached until a file of the table, or a deletion, comes or goes.
         """
-        snap = snap or self.snapshot()
+        snap = snap or self.snapshot(tables=listed_for(tdef))
         part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
         rels = snap.table_files(tdef, part)
         deletion_rels = snap.table_files(S.DELETIONS)
         cache_key = (tdef.name, dataset_name, tuple(rels), tuple(deletion_rels))
         if cache_key in self.resolved:
             return self.resolved[cache_key].lazy()
-        deletions = pl.from_arrow(read_files(self.storage, S.DELETIONS, self.cache, deletion_rels)).lazy()
-        raw = pl.from_arrow(read_files(self.storage, tdef, self.cache, rels))
+        deletion_data, data = with_rows(deletion_rels), with_rows(rels)
+        deletions = pl.concat(self.cache.frames(self.storage, deletion_data, S.DELETIONS)) if deletion_data else None
+        raw = pl.concat(self.cache.frames(self.storage, data, tdef)) if data else pl.DataFrame(schema=polars_schema(tdef))
         # Most tables hold each key once (a sweep rarely re-saves): then there is no version to pick.
         keys_unique = tdef.version_column is not None and raw[tdef.key].n_unique() == raw.height
         frame = raw.lazy()
         if part is not ...:
             frame = frame.filter(pl.col("dataset_name") == dataset_name)
-        resolved = resolve(frame, tdef, deletions, keys_unique).collect()
+        # No deletion records (the common case): nothing to join them with.
+        live = None if deletions is None or deletions.height == 0 else deletions.lazy()
+        resolved = resolve(frame, tdef, live, keys_unique).collect()
         self.resolved = {k: v for k, v in self.resolved.items() if k[:2] != cache_key[:2]}
         self.resolved[cache_key] = resolved
         return resolved.lazy()
@@ -122,18 +134,13 @@ class LakeReads:
     ) -> dict | None:
         """The current row of one key, found through per-file key positions (or row-group
         statistics for arrays) instead of a scan."""
-        snap = snap or self.snapshot()
+        snap = snap or self.snapshot(tables=listed_for(tdef))
         part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
         rels = snap.table_files(tdef, part)
         if tdef.row_group_rows:
             rows = lookup(self.storage, tdef, self.cache, rels, {key})
         else:
-            pieces = []
-            for rel in rels:
-                positions = self.cache.positions(self.storage, rel, tdef).get(key)
-                if positions:
-                    pieces.append(self.cache.read(self.storage, rel, tdef.schema).take(positions))
-            rows = pa.concat_tables(pieces) if pieces else tdef.schema.empty_table()
+            rows = self.cache.key_rows(self.storage, with_rows(rels), tdef, key)
         _observe_stamps(rows, tdef, self.deleted[1], key)
         return resolve_one(rows, tdef, self.deleted[1])
 

@@ -209,6 +209,10 @@ class Journal:
         self.current: str | None = None
         self.bytes = 0
         self.opened_us = 0
+        # The batches appended to each segment, as given: publishing them needs no re-reading
+        # and decoding of what this process just wrote (bounded, as the segment is, by the
+        # writer's flush size). Recovery of a crashed writer's segment reads the file.
+        self._batches: dict[str, list[Frames]] = {}
 
     def append(self, frames: Frames) -> None:
         """Make ``frames`` durable as one batch: written (and fsynced when asked) before this returns.
@@ -244,6 +248,13 @@ class Journal:
                 self.seal()
             raise
         self.bytes += total
+        self._batches.setdefault(self.current, []).append(frames)
+
+    def appended(self, rel: str) -> Frames | None:
+        """The records of every batch this journal appended to ``rel``, in order (None when it
+        did not write it): what reading the segment back would give, without the reading."""
+        batches = self._batches.get(rel)
+        return None if batches is None else [frame for batch in batches for frame in batch]
 
     def seal(self) -> str | None:
         """Stop appending to the current segment and return it (None when there is none); the
@@ -263,6 +274,7 @@ class Journal:
     def release(self, rel: str) -> None:
         """Unlock a sealed segment once it is published and deleted."""
         fd = self._sealed.pop(rel, None)
+        self._batches.pop(rel, None)
         if fd is not None:
             os.close(fd)
 
@@ -274,6 +286,7 @@ class Journal:
                 os.close(fd)  # the parent's descriptor stays open, so its lock stays held
         self.owner = _new_owner()
         self._fd, self._sealed, self.current, self.bytes = None, {}, None, 0
+        self._batches = {}
 
 
 def _new_owner() -> str:

@@ -4,7 +4,10 @@ their prediction. Every reader of the lake (polars helpers, Spark, compaction, t
 
 from __future__ import annotations
 
+import zoneinfo
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -38,21 +41,29 @@ def identity(tdef: S.TableDef) -> list[str]:
 
 def with_visible_prediction(arrays: pl.LazyFrame, predictions: pl.LazyFrame) -> pl.LazyFrame:
     """The arrays whose prediction is visible (lake spec §5.4); both frames already resolved."""
-    return arrays.join(predictions.select(identity(S.PREDICTIONS)), on=identity(S.PREDICTIONS), how="semi")
+    return arrays.join(predictions.select(identity(S.PREDICTIONS)), on=identity(S.PREDICTIONS), how="semi", maintain_order="left")
 
 
-def resolve(frame: pl.LazyFrame, tdef: S.TableDef, deletions: pl.LazyFrame, keys_unique: bool = False) -> pl.LazyFrame:
+def resolve(
+    frame: pl.LazyFrame, tdef: S.TableDef, deletions: pl.LazyFrame | None, keys_unique: bool = False
+) -> pl.LazyFrame:
     """Apply the read rules of the lake spec: latest version wins, deleted entities vanish.
 
-    ``keys_unique`` (the caller checked that no key repeats) skips the latest-wins step.
+    ``keys_unique`` (the caller checked that no key repeats) skips the latest-wins step;
+    ``deletions`` None (the caller knows there is no deletion record) skips the deletions.
     """
     if tdef.version_column and not keys_unique:
         # A stable sort keeps file-name, then row order among equal stamps: the same tie-break
         # as the SQL views (lake spec §5.1).
-        frame = frame.sort(tdef.version_column, maintain_order=True).unique(subset=identity(tdef), keep="last")
+        # maintain_order: rows (and so ties of a later ranking) keep one order in every process.
+        frame = frame.sort(tdef.version_column, maintain_order=True).unique(
+            subset=identity(tdef), keep="last", maintain_order=True
+        )
+    if deletions is None:
+        return frame
     if "run_id" in tdef.schema.names:
         dead_runs = deletions.filter(pl.col("kind") == "run").select(pl.col("entity_id").alias("run_id"))
-        frame = frame.join(dead_runs, on="run_id", how="anti")
+        frame = frame.join(dead_runs, on="run_id", how="anti", maintain_order="left")
     if tdef.name in _ENTITY_DELETIONS:
         kind, key = _ENTITY_DELETIONS[tdef.name]
         dead = (
@@ -62,7 +73,7 @@ def resolve(frame: pl.LazyFrame, tdef: S.TableDef, deletions: pl.LazyFrame, keys
             .rename({"entity_id": key})
         )
         frame = (
-            frame.join(dead, on=key, how="left")
+            frame.join(dead, on=key, how="left", maintain_order="left")
             .filter(pl.col("_deleted_us").is_null() | (pl.col("_deleted_us") < _row_stamp(tdef)))
             .drop("_deleted_us")
         )
@@ -88,6 +99,24 @@ class Deleted:
         return cls(frozenset(e for k, e in zip(kinds, ids) if k == "run"), entities)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _as_py(column: pa.ChunkedArray, i: int) -> Any:
+    """``column[i].as_py()``; for a µs timestamp with a time zone computed here, the same value
+    (an aware datetime in that zone), since pyarrow imports pandas to convert one (about 0.15 s,
+    the first time in a process)."""
+    kind = column.type
+    if pa.types.is_timestamp(kind) and kind.unit == "us" and kind.tz and column[i].is_valid:
+        try:
+            zone = zoneinfo.ZoneInfo(kind.tz)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            return column[i].as_py()
+        micros = column.chunk(0).cast(pa.int64())[i] if column.num_chunks == 1 else column.cast(pa.int64())[i]
+        return (_EPOCH + timedelta(microseconds=micros.as_py())).astimezone(zone)
+    return column[i].as_py()
+
+
 def resolve_one(rows: pa.Table, tdef: S.TableDef, deleted: Deleted) -> dict | None:
     """The current row among all stored rows of one key (in file, then row order), or None.
 
@@ -101,7 +130,7 @@ def resolve_one(rows: pa.Table, tdef: S.TableDef, deleted: Deleted) -> dict | No
         best = max(range(rows.num_rows), key=lambda i: (stamps[i], i))  # ties: the later row wins
     # Lists stay Arrow scalars (arrays convert straight to numpy); everything else becomes Python.
     row = {
-        name: (col[best] if pa.types.is_list(col.type) else col[best].as_py())
+        name: (col[best] if pa.types.is_list(col.type) else _as_py(col, best))
         for name, col in zip(rows.column_names, rows.columns)
     }
     if "run_id" in tdef.schema.names and row["run_id"] in deleted.runs:

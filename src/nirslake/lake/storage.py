@@ -113,6 +113,32 @@ class Storage:
             out[rel] = data if isinstance(data, bytes) else self._get(path)
         return out
 
+    def read_tail(self, rel: str, length: int) -> bytes:
+        """The last ``length`` bytes of a file, or all of it when shorter: one GET with a suffix
+        range on object stores (no HEAD for the size)."""
+        if self.is_local:
+            with open(self.path(rel), "rb") as fh:
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - length))
+                return fh.read()
+        return self.fs.cat_file(self.path(rel), start=-length)
+
+    def read_ranges(self, rel: str, spans: list[tuple[int, int]]) -> list[bytes]:
+        """Bytes ``[start, end)`` of a file for each span: one ranged GET each on object stores,
+        in flight together."""
+        if self.is_local:
+            with open(self.path(rel), "rb") as fh:
+                out = []
+                for start, end in spans:
+                    fh.seek(start)
+                    out.append(fh.read(end - start))
+                return out
+        path = self.path(rel)
+        fetched = self.fs.cat_ranges([path] * len(spans), [s for s, _ in spans], [e for _, e in spans], on_error="return")
+        for data in fetched:
+            if isinstance(data, BaseException):
+                raise data
+        return fetched
+
     def _get(self, path: str) -> bytes:
         if self.is_local:
             return self.fs.cat_file(path)

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from . import schema as S
 from .arrays import ARRAY_FIELDS, list_column, matrix_column, nbytes
-from .journal import JOURNAL_DIR, SUFFIX, Journal, keep_damaged, read_segment, segment_stamp
+from .journal import JOURNAL_DIR, SUFFIX, Frames, Journal, keep_damaged, read_segment, segment_stamp
 from .storage import Storage
 from .tables import CLOCK, write_table
 
@@ -146,7 +146,7 @@ class LakeWriter:
             return
         self.journal.seal()
         for rel in self.journal.segments:  # oldest first: sealed ones, and any a failed append sealed
-            publish_segment(self.storage, rel)
+            publish_segment(self.storage, rel, self.journal.appended(rel))
             self.journal.release(rel)  # only now may a recoverer take the segment
 
     def _make_durable(self) -> None:
@@ -240,14 +240,15 @@ def publish_frames(
             write_table(storage, _table_of(name), table, seed=None if seed is None else (seed[0], f"{seed[1]}/{name}"))
 
 
-def publish_segment(storage: Storage, rel: str) -> str | None:
+def publish_segment(storage: Storage, rel: str, appended: Frames | None = None) -> str | None:
     """Publish one journal segment's whole batches as lake files, then delete it; a segment with
     damage inside is kept as ``.damaged`` instead, and its new name returned.
 
     File names derive from the segment, so a second publication (a crash between publishing and
-    deleting) writes nothing new.
+    deleting) writes nothing new. ``appended``: the batches the caller appended to it itself
+    (``Journal.appended``), published without reading the file back.
     """
-    frames, damage = read_segment(storage.read_bytes(rel))
+    frames, damage = (appended, []) if appended is not None else read_segment(storage.read_bytes(rel))
     publish_frames(storage, frames, seed=(segment_stamp(rel), rel.rsplit("/", 1)[-1]))
     if damage:
         return keep_damaged(storage, rel, damage)

@@ -21,14 +21,12 @@ from ..lake.rules import (  # noqa: F401  (the read rules are part of this modul
     with_visible_prediction,
 )
 from ..lake.storage import Storage
-from ..lake.tables import FileCache, commit_state, read_files, visible_files
+from ..lake.tables import FileCache, commit_state, polars_schema, read_files, visible_files
 
 # Metrics where a smaller value is better; everything else (r2, accuracy, f1, ...) ranks descending.
 LOWER_IS_BETTER = frozenset({"rmse", "mse", "mae", "mape", "rmsecv", "sep", "bias", "log_loss", "logloss", "loss"})
 
 
-def polars_schema(tdef: S.TableDef) -> pl.Schema:
-    return pl.from_arrow(tdef.schema.empty_table()).schema
 
 
 def lower_is_better(metric: str) -> bool:
@@ -107,13 +105,23 @@ def top_k(
     """
     if ascending is None:
         ascending = lower_is_better(metric or score)
-    frame = predictions.lazy().sort(score, descending=not ascending, nulls_last=True, maintain_order=True)
+    rows = predictions.collect() if isinstance(predictions, pl.LazyFrame) else predictions
+    keys = ([by] if isinstance(by, str) else list(by)) if by else []
+    # Rank row numbers, not rows: a sort moves every column of every row, while only the
+    # winners' rows are needed (a third of the first top_predictions of a fresh process).
+    frame = (
+        rows.lazy()
+        .select(pl.int_range(0, pl.len(), dtype=pl.UInt32).alias("_row"), *dict.fromkeys([*keys, score]))
+        .sort(score, descending=not ascending, nulls_last=True, maintain_order=True)
+    )
     position = pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
-    if by:
-        keys = [by] if isinstance(by, str) else list(by)
+    if keys:
         ranked = frame.with_columns(position.over(keys).alias("rank"))
-        return ranked.filter(pl.col("rank") <= n).sort([*keys, "rank"], nulls_last=True).collect()
-    return frame.head(n).with_columns(position.alias("rank")).collect()
+        ranked = ranked.filter(pl.col("rank") <= n).sort([*keys, "rank"], nulls_last=True)
+    else:
+        ranked = frame.head(n).with_columns(position.alias("rank"))
+    winners = ranked.select("_row", "rank").collect()
+    return rows[winners["_row"]].with_columns(winners["rank"])
 
 
 def fold_summary(predictions: pl.LazyFrame | pl.DataFrame, score: str = "val_score") -> pl.DataFrame:

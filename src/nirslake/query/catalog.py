@@ -10,19 +10,26 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
 import polars as pl
 import pyarrow.parquet as pq
 
 from ..lake.schema import FORMAT_VERSION
 from ..lake.storage import Storage
 from . import LOWER_IS_BETTER
+
+if TYPE_CHECKING:
+    import duckdb
+
+# duckdb is imported where a query or a build needs it, not with nirslake: opening a store and
+# its reads never use it, and the import is a tenth of `import nirslake` (issue 11).
 
 CATALOG_FILE = "catalog.duckdb"
 CATALOG_STAMP = "_meta/catalog.json"
@@ -69,7 +76,7 @@ def packaged_httpfs() -> Path | None:
         import duckdb_extension_httpfs
     except ImportError:
         return None
-    found = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}" / "httpfs.duckdb_extension"
+    found = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb_version()}" / "httpfs.duckdb_extension"
     return found if found.exists() else None
 
 
@@ -167,16 +174,24 @@ def create_views(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
 
 def connect(storage: Storage) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with every lake view, for queries from Python."""
+    import duckdb
+
     con = duckdb.connect()
     create_views(con, storage)
     return con
+
+
+def duckdb_version() -> str:
+    """``duckdb.__version__``, read from the installed package's metadata unless duckdb is loaded."""
+    loaded = sys.modules.get("duckdb")
+    return loaded.__version__ if loaded is not None else metadata.version("duckdb")
 
 
 def _stamp(storage: Storage) -> dict:
     # The views' own text too: a catalog built by an older nirslake lacks views and macros added
     # since (sql/queries/ use them), so it is rebuilt rather than kept.
     views = hashlib.sha256(view_statements(storage).encode()).hexdigest()[:16]
-    return {"format_version": FORMAT_VERSION, "lake": storage.url(), "duckdb": duckdb.__version__, "views": views}
+    return {"format_version": FORMAT_VERSION, "lake": storage.url(), "duckdb": duckdb_version(), "views": views}
 
 
 def is_current(storage: Storage) -> bool:
@@ -207,6 +222,8 @@ def run_sql(storage: Storage, query: str, params: list | None = None) -> pl.Data
 
 def build_catalog(storage: Storage) -> str:
     """(Re)build ``<workspace>/catalog.duckdb``; returns its path or URL."""
+    import duckdb
+
     with tempfile.TemporaryDirectory(prefix="nirslake-catalog-") as tmp:
         db_path = os.path.join(tmp, f"{uuid.uuid4().hex}.duckdb")
         con = duckdb.connect(db_path)
