@@ -139,7 +139,11 @@ class WorkspaceStore:
         recover_orphans(self._storage)
 
     def close(self) -> None:
-        """Flush what is buffered and release the store. Idempotent."""
+        """Flush what is buffered and release the store. Idempotent.
+
+        When anything was published or deleted since the store opened (or last checkpointed), a
+        checkpoint brings ``_current/manifest.parquet`` up to date (lake spec §11); its failure
+        warns, never raises: the lake itself is written by then."""
         with self._lock:
             if self._closed:
                 return
@@ -676,7 +680,8 @@ class WorkspaceStore:
         """Reclaim space: merge each partition's small files without deleted or superseded rows.
 
         Readers never see the swap (lake spec §4). The replaced files' bytes are deleted by a
-        later vacuum, once hidden for longer than ``grace_seconds``.
+        later vacuum, once hidden for longer than ``grace_seconds`` and listed by no checkpoint
+        in use (the compaction checkpoints first, lake spec §11).
         """
         from .lake.maintenance import purge
 

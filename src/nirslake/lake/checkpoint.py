@@ -9,7 +9,9 @@ rows, writes a resolved copy of each (``current-`` files, invisible to our own r
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -111,7 +113,7 @@ def list_checkpoints(storage: Storage) -> list[tuple[int, str]]:
 def read_manifest(storage: Storage, rel: str = POINTER) -> pa.Table:
     """A checkpoint's (or the pointer's) rows; its schema metadata holds ``nirslake.checkpoint``."""
     with _decoding(rel), storage.open_arrow(rel) as fh:
-        return pq.read_table(fh)
+        return pq.ParquetFile(fh).read()  # not pq.read_table: it imports pyarrow.dataset (and pandas), 0.25 s
 
 
 def manifest_number(table: pa.Table) -> int | None:
@@ -146,7 +148,8 @@ def _rule_columns(tdef: S.TableDef) -> list[str]:
 
 class _RuleColumns:
     """The rule columns, row count and size of data files, read once per process: files never
-    change, so an entry never goes stale (a vacuumed file is simply never asked for again)."""
+    change, so an entry never goes stale (a vacuumed file is simply never asked for again).
+    Shared by the process's stores, which may checkpoint from several threads at once."""
 
     LIMIT_ROWS = 20_000_000
 
@@ -154,16 +157,26 @@ class _RuleColumns:
         # key -> (rule columns, or the row count when the table has none; file size)
         self._entries: OrderedDict[str, tuple[pa.Table | int, int]] = OrderedDict()
         self._rows = 0
+        self._lock = threading.Lock()
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it at the fork
 
     def get(self, storage: Storage, tdef: S.TableDef, rels: list[str]) -> list[tuple[pa.Table | int, int]]:
         columns = _rule_columns(tdef)
         wanted = pa.schema([tdef.schema.field(c) for c in columns])
         keys = [f"{storage.url(rel)}\n{','.join(columns)}" for rel in rels]
-        missing = [(rel, key) for rel, key in zip(rels, keys) if key not in self._entries]
+        found: dict[str, tuple[pa.Table | int, int]] = {}
+        with self._lock:
+            for key in keys:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+                    found[key] = self._entries[key]
+        missing = [(rel, key) for rel, key in zip(rels, keys) if key not in found]
         if storage.is_local:
             for rel, key in missing:
                 with _decoding(rel), pa.OSFile(storage.path(rel)) as fh:
-                    self._put(key, _decode(pq.ParquetFile(fh), wanted), fh.size())
+                    found[key] = (_decode(pq.ParquetFile(fh), wanted), fh.size())
         else:  # object stores: concurrent GETs, each file's bytes dropped once decoded
             for start in range(0, len(missing), FETCH_FILES):
                 batch = missing[start : start + FETCH_FILES]
@@ -171,19 +184,16 @@ class _RuleColumns:
                 for rel, key in batch:
                     data = fetched.pop(rel)
                     with _decoding(rel), pa.BufferReader(arrow_owned(data)) as fh:
-                        self._put(key, _decode(pq.ParquetFile(fh), wanted), len(data))
-        out = []
-        for key in keys:
-            self._entries.move_to_end(key)
-            out.append(self._entries[key])
-        return out
-
-    def _put(self, key: str, table: pa.Table | int, size: int) -> None:
-        self._entries[key] = (table, size)
-        self._rows += _count(table)
-        while self._rows > self.LIMIT_ROWS and len(self._entries) > 1:
-            _, (old, _size) = self._entries.popitem(last=False)
-            self._rows -= _count(old)
+                        found[key] = (_decode(pq.ParquetFile(fh), wanted), len(data))
+        with self._lock:
+            for _, key in missing:
+                if key not in self._entries:  # another thread may have read it meanwhile
+                    self._entries[key] = found[key]
+                    self._rows += _count(found[key][0])
+            while self._rows > self.LIMIT_ROWS and len(self._entries) > 1:
+                _, (old, _size) = self._entries.popitem(last=False)
+                self._rows -= _count(old)
+        return [found[key] for key in keys]
 
 
 def _count(table: pa.Table | int) -> int:
@@ -200,6 +210,7 @@ def _decode(parquet: pq.ParquetFile, wanted: pa.Schema) -> pa.Table | int:
 
 
 _RULE_COLUMNS = _RuleColumns()
+os.register_at_fork(after_in_child=_RULE_COLUMNS.after_fork)
 
 
 def _kept_rows(
@@ -301,11 +312,11 @@ def _hidden_digest(rel: str, kept: np.ndarray, total: int) -> str:
 
 
 def _entries(
-    storage: Storage, cache: FileCache, snap: Snapshot, previous: pa.Table | None, counters: dict[str, int]
+    storage: Storage, cache: FileCache, snap: Snapshot, copies: dict[str, dict], counters: dict[str, int]
 ) -> list[dict]:
     """The manifest rows for ``snap``: per table its schema file, then each visible file with all
-    its rows current, or a resolved copy of it (reused from ``previous`` when it hides the same rows)."""
-    reusable = {} if previous is None else {row["replaces"]: row for row in previous.to_pylist() if row["replaces"]}
+    its rows current, or a resolved copy of it (one of ``copies``, by the lake file it replaces,
+    when it hides the same rows; a new copy joins them)."""
     deleted = Deleted.from_table(read_files(storage, S.DELETIONS, cache, snap.table_files(S.DELETIONS)))
     predictions: pa.Table | None = None
     entries: list[dict] = []
@@ -325,7 +336,8 @@ def _entries(
             if keep is None:
                 entries.append({"table": name, "file": rel, "replaces": None, "rows": _count(table), "bytes": size})
             elif len(keep):  # a file none of whose rows is current is left out
-                entries.append(_resolved_copy(storage, tdef, rel, keep, _count(table), reusable.get(rel), counters))
+                copies[rel] = _resolved_copy(storage, tdef, rel, keep, _count(table), copies.get(rel), counters)
+                entries.append(copies[rel])
     return entries
 
 
@@ -340,7 +352,7 @@ def _resolved_copy(
         counters["reused"] += 1
         return {**previous, "table": tdef.name}
     with _decoding(rel), storage.open_arrow(rel) as fh:
-        table = conform(pq.read_table(fh), tdef.schema)
+        table = conform(pq.ParquetFile(fh).read(), tdef.schema)
     data = to_parquet_bytes(table.take(pa.array(keep)), tdef.row_group_rows)
     copy = f"{posixpath.dirname(rel)}/{COPY_PREFIX}{CLOCK.now_us():014x}-{digest}.parquet"
     storage.publish(copy, data)
@@ -373,12 +385,15 @@ def write_checkpoint(storage: Storage, cache: FileCache) -> CheckpointResult:
     """
     started = time.perf_counter()
     counters = {"written": 0, "reused": 0}
+    copies: dict[str, dict] = {}  # lake file -> its resolved copy: the previous checkpoint's, or ours
     for attempt in range(1, MAX_ATTEMPTS + 1):
         landed = list_checkpoints(storage)
         number = landed[-1][0] + 1 if landed else 1
         previous = _read_previous(storage, landed)
+        if previous is not None:
+            copies.update({row["replaces"]: row for row in previous.to_pylist() if row["replaces"]})
         snap = take_snapshot(storage, cache)
-        entries = _entries(storage, cache, snap, previous, counters)
+        entries = _entries(storage, cache, snap, copies, counters)
         if previous is not None and previous.to_pylist() == entries:
             # The highest checkpoint is exact still: a new one would be the same list.
             number, landed_now = number - 1, False
