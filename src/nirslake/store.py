@@ -119,18 +119,23 @@ class WorkspaceStore:
         return self._storage
 
     def _init_workspace(self) -> None:
+        current = catalog.is_current(self._storage)
         # One empty file per table fixes its schema for engines that glob the lake, so every
-        # view works (and returns no rows) before anything was written.
-        for tdef in S.TABLES.values():
-            rel = schema_file(tdef)
-            if not self._storage.exists(rel):
-                self._storage.publish(rel, to_parquet_bytes(empty_table(tdef.schema)), exists_ok=True)
-                if rel != root_schema_file(tdef):
-                    # Older workspaces kept it at the table root, outside every `dataset=` folder,
-                    # which hive readers refuse (lake spec §3); it holds no rows.
-                    self._storage.delete(root_schema_file(tdef))
+        # view works (and returns no rows) before anything was written. They are written before
+        # the catalog, so on an object store, where each check is a request (nine per open), a
+        # current catalog vouches for them.
+        if self._storage.is_local or not current:
+            for tdef in S.TABLES.values():
+                rel = schema_file(tdef)
+                if not self._storage.exists(rel):
+                    self._storage.publish(rel, to_parquet_bytes(empty_table(tdef.schema)), exists_ok=True)
+                    if rel != root_schema_file(tdef):
+                        # Older workspaces kept it at the table root, outside every `dataset=` folder,
+                        # which hive readers refuse (lake spec §3); it holds no rows.
+                        self._storage.delete(root_schema_file(tdef))
         try:
-            catalog.ensure_catalog(self._storage)
+            if not current:
+                catalog.build_catalog(self._storage)
         except catalog.CatalogError as exc:
             # The store reads the lake, not the catalog: a damaged file must not lock everyone
             # out, least of all `nirslake check`, which names it.

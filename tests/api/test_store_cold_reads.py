@@ -36,7 +36,7 @@ def build_lake(workspace: str) -> dict:
     rng = np.random.default_rng(11)
     doomed_run = None
     for writer in range(2):
-        with WorkspaceStore(workspace, flush_rows=7) as store:  # small flushes: many files
+        with WorkspaceStore(workspace, flush_rows=20) as store:  # small flushes: several files a table
             run = store.begin_run(f"run{writer}", {}, [{"name": d} for d in DATASETS])
             for p in range(6):
                 dataset = DATASETS[p % 3]

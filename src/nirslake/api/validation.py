@@ -132,6 +132,8 @@ def json_default(value: Any) -> Any:
 
 def opt_float(name: str, value: Any) -> float | None:
     """A float, or None; NaN is stored as null so it ranks last (infinities are kept)."""
+    if type(value) is float:  # the common case, checked first: called ~10 times per prediction
+        return None if value != value else value
     if value is None:
         return None
     if isinstance(value, (str, bytes, bool, np.bool_)):
@@ -146,6 +148,8 @@ def opt_float(name: str, value: Any) -> float | None:
 
 
 def opt_int(name: str, value: Any) -> int | None:
+    if type(value) is int and -(2**63) <= value < 2**63:  # the common case, checked first
+        return value
     if value is None:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
@@ -180,6 +184,8 @@ def fold_id(value: Any) -> str | None:
 
 def array_size(name: str, value: Any) -> None:
     """Refuse an array of more than ``MAX_ARRAY_VALUES`` values, from its shape or length alone."""
+    if value is None:  # most optional arrays: no exception to raise and catch
+        return
     shape = getattr(value, "shape", None)
     try:
         size = math.prod(shape) if isinstance(shape, tuple) else len(value)
@@ -196,6 +202,8 @@ def mapping(name: str, value: Any) -> dict | None:
 
 
 def text(name: str, value: Any, allow_none: bool = True) -> str | None:
+    if type(value) is str and len(value) <= MAX_NAME_CHARS and value.isascii():
+        return value  # the common case, checked first: a dozen calls per prediction
     if value is None and allow_none:
         return None
     if not isinstance(value, str):

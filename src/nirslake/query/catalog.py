@@ -196,9 +196,9 @@ def _stamp(storage: Storage) -> dict:
 
 def is_current(storage: Storage) -> bool:
     """True when the catalog exists and was built for this format, location, DuckDB line and view SQL."""
-    if not (storage.exists(CATALOG_FILE) and storage.exists(CATALOG_STAMP)):
+    if not storage.exists(CATALOG_FILE):
         return False
-    try:
+    try:  # a missing stamp raises FileNotFoundError, an OSError: one request, not a HEAD and a GET
         return json.loads(storage.read_bytes(CATALOG_STAMP)) == _stamp(storage)
     except (ValueError, OSError):
         return False
