@@ -16,9 +16,8 @@ import threading
 import time
 import warnings
 import weakref
-import zipfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,11 +27,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import __version__, catalog
+from . import catalog
 from . import artifacts as art
 from . import schema as S
 from .arrays import ARRAY_FIELDS, check_arrays, to_numpy
-from .query import _ENTITY_DELETIONS, Deleted, resolve, resolve_one, top_k
+from .query import _ENTITY_DELETIONS, Deleted, resolve, resolve_one, top_k, with_scores
+from .scores import METRICS
 from .storage import Storage
 from .tables import (
     CLOCK,
@@ -73,7 +73,15 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # polars counts rows in 32 bits: no frame holds more, so a larger limit, offset or n means the same.
 MAX_ROWS = 2**32 - 1
 
+# A metric name of a ``scores`` dict that ``top_predictions`` may rank by: a plain identifier.
+_METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "branch_id", "pipeline_id", "run_id")
+# save_prediction's arguments, in order: the fields of a save_predictions record.
+_PREDICTION_FIELDS = (
+    "pipeline_id", "chain_id", "dataset_name", "model_name", "model_class", "fold_id", "partition", "val_score",
+    "test_score", "train_score", "metric", "task_type", "n_samples", "n_features", "scores", "best_params",
+    "branch_id", "branch_name", "exclusion_count", "exclusion_rate", "preprocessings", "prediction_id",
+)
 
 
 def _json(value: Any, field: str) -> str | None:
@@ -791,52 +799,117 @@ class WorkspaceStore:
         """Add one prediction record (every call adds one); returns its id."""
         with self._lock:
             self._check_open()
-            pipeline = self._require_pipeline(pipeline_id)
-            _text("dataset_name", dataset_name, allow_none=False)
-            if chain_id is not None:
-                self._require_chain(_text("chain_id", chain_id), pipeline_id)
-            if prediction_id is None:
-                pid = new_id()
-            else:
-                pid = _text("prediction_id", prediction_id, allow_none=False)
-                if not pid:
-                    raise ValueError("prediction_id must not be empty")
-                owner = self._prediction_owner(pid)
-                if owner is not None and owner[1] != dataset_name:
-                    # A key lives in one dataset partition; moving it would let pruned reads disagree.
-                    raise ValueError(
-                        f"prediction_id {pid!r} already belongs to dataset {owner[1]!r}; "
-                        f"it cannot be saved again under {dataset_name!r} (delete it first)"
-                    )
-            row = {
-                "prediction_id": pid,
-                "pipeline_id": pipeline_id,
-                "chain_id": _text("chain_id", chain_id),
-                "run_id": pipeline["run_id"],
-                "dataset_name": dataset_name,
-                "model_name": _text("model_name", model_name),
-                "model_class": _text("model_class", model_class),
-                "fold_id": _fold_id(fold_id),
-                "partition": _text("partition", partition),
-                "val_score": _opt_float("val_score", val_score),
-                "test_score": _opt_float("test_score", test_score),
-                "train_score": _opt_float("train_score", train_score),
-                "metric": _text("metric", metric),
-                "task_type": _text("task_type", task_type),
-                "n_samples": _opt_int("n_samples", n_samples),
-                "n_features": _opt_int("n_features", n_features),
-                "scores": _json(_mapping("scores", scores), "scores"),
-                "best_params": _json(_mapping("best_params", best_params), "best_params"),
-                "branch_id": _opt_int("branch_id", branch_id),
-                "branch_name": _text("branch_name", branch_name),
-                "exclusion_count": _opt_int("exclusion_count", exclusion_count),
-                "exclusion_rate": _opt_float("exclusion_rate", exclusion_rate),
-                "preprocessings": _text("preprocessings", preprocessings) or "",
-                "created_at": CLOCK.now_us(),
-            }
-            self._known_predictions[pid] = (pipeline["run_id"], dataset_name, row["created_at"])
+            row = self._prediction_row(
+                pipeline_id, chain_id, dataset_name, model_name, model_class, fold_id, partition, val_score,
+                test_score, train_score, metric, task_type, n_samples, n_features, scores, best_params, branch_id,
+                branch_name, exclusion_count, exclusion_rate, preprocessings, prediction_id,
+            )
+            self._known_predictions[row["prediction_id"]] = (row["run_id"], dataset_name, row["created_at"])
             self._buffer("predictions", row)
-            return pid
+            return row["prediction_id"]
+
+    def _prediction_row(
+        self, pipeline_id, chain_id, dataset_name, model_name, model_class, fold_id, partition, val_score, test_score,
+        train_score, metric, task_type, n_samples, n_features, scores, best_params, branch_id, branch_name,
+        exclusion_count, exclusion_rate, preprocessings="", prediction_id=None,
+    ) -> dict:
+        """One checked ``predictions`` row (``save_prediction``'s arguments); records nothing."""
+        pipeline = self._require_pipeline(pipeline_id)
+        _text("dataset_name", dataset_name, allow_none=False)
+        if chain_id is not None:
+            self._require_chain(_text("chain_id", chain_id), pipeline_id)
+        if prediction_id is None:
+            pid = new_id()
+        else:
+            pid = _text("prediction_id", prediction_id, allow_none=False)
+            if not pid:
+                raise ValueError("prediction_id must not be empty")
+            owner = self._prediction_owner(pid)
+            if owner is not None and owner[1] != dataset_name:
+                # A key lives in one dataset partition; moving it would let pruned reads disagree.
+                raise ValueError(
+                    f"prediction_id {pid!r} already belongs to dataset {owner[1]!r}; "
+                    f"it cannot be saved again under {dataset_name!r} (delete it first)"
+                )
+        row = {
+            "prediction_id": pid,
+            "pipeline_id": pipeline_id,
+            "chain_id": _text("chain_id", chain_id),
+            "run_id": pipeline["run_id"],
+            "dataset_name": dataset_name,
+            "model_name": _text("model_name", model_name),
+            "model_class": _text("model_class", model_class),
+            "fold_id": _fold_id(fold_id),
+            "partition": _text("partition", partition),
+            "val_score": _opt_float("val_score", val_score),
+            "test_score": _opt_float("test_score", test_score),
+            "train_score": _opt_float("train_score", train_score),
+            "metric": _text("metric", metric),
+            "task_type": _text("task_type", task_type),
+            "n_samples": _opt_int("n_samples", n_samples),
+            "n_features": _opt_int("n_features", n_features),
+            "scores": _json(_mapping("scores", scores), "scores"),
+            "best_params": _json(_mapping("best_params", best_params), "best_params"),
+            "branch_id": _opt_int("branch_id", branch_id),
+            "branch_name": _text("branch_name", branch_name),
+            "exclusion_count": _opt_int("exclusion_count", exclusion_count),
+            "exclusion_rate": _opt_float("exclusion_rate", exclusion_rate),
+            "preprocessings": _text("preprocessings", preprocessings) or "",
+            "created_at": CLOCK.now_us(),
+        }
+        return row
+
+    def save_predictions(self, records: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Save many predictions with their arrays as one batch; returns their ids, in order.
+
+        Each record holds ``save_prediction``'s arguments by name (``pipeline_id``, ``chain_id``,
+        ``dataset_name`` required; the others default to None, ``preprocessings`` to "") and any of
+        ``y_true``, ``y_pred``, ``y_proba``, ``sample_indices``, ``weights`` and ``sample_ids`` (the
+        sample each row measured, docs/scores.md). Every record is checked before any is kept, so a
+        bad one (named by its position) leaves nothing behind; the batch is durable once this
+        returns. The fastest way to write predictions: ``nirslake.Predictions.flush`` uses it.
+        """
+        records = list(records)
+        with self._lock:
+            self._check_open()
+            rows, arrays, datasets = [], [], {}
+            for i, record in enumerate(records):
+                try:
+                    if not isinstance(record, Mapping):
+                        raise TypeError(f"a record must be a mapping of field names, got {type(record).__name__}")
+                    unknown = set(record) - set(_PREDICTION_FIELDS) - set(ARRAY_FIELDS)
+                    if unknown:
+                        raise TypeError(f"unknown field(s) {sorted(map(str, unknown))}")
+                    absent = [f for f in ("pipeline_id", "chain_id", "dataset_name") if f not in record]
+                    if absent:
+                        raise TypeError(f"missing field(s) {absent}")
+                    row = self._prediction_row(**{f: record.get(f, "" if f == "preprocessings" else None) for f in _PREDICTION_FIELDS})
+                    pid = row["prediction_id"]
+                    if datasets.setdefault(pid, row["dataset_name"]) != row["dataset_name"]:
+                        raise ValueError(f"prediction_id {pid!r} is in this batch under two datasets")
+                    given = {f: record.get(f) for f in ARRAY_FIELDS}
+                    checked = None
+                    if any(v is not None for v in given.values()):
+                        for field, value in given.items():
+                            _array_size(field, value)
+                        checked = check_arrays(**given)
+                        for field, value in checked.items():
+                            _array_size(field, value)
+                except (TypeError, ValueError, KeyError) as exc:
+                    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+                    raise type(exc)(f"record {i}: {message}") from None
+                rows.append(row)
+                arrays.append(checked)
+            for row, checked in zip(rows, arrays):
+                self._known_predictions[row["prediction_id"]] = (row["run_id"], row["dataset_name"], row["created_at"])
+                self._buffer("predictions", row)
+                if checked is not None:
+                    self._writer.add_arrays(
+                        {"prediction_id": row["prediction_id"], "run_id": row["run_id"],
+                         "dataset_name": row["dataset_name"], "_version": CLOCK.now_us(), **checked}
+                    )
+            self._writer.commit()
+            return [row["prediction_id"] for row in rows]
 
     def save_prediction_arrays(
         self,
@@ -933,29 +1006,53 @@ class WorkspaceStore:
         self,
         n: int,
         metric: str = "val_score",
-        ascending: bool = True,
+        ascending: bool | None = True,
         partition: str = "val",
         dataset_name: str | None = None,
         group_by: str | None = None,
     ) -> pl.DataFrame:
-        """The best ``n`` predictions of ``partition`` by the ``metric`` column (of each ``group_by`` group)."""
+        """The best ``n`` predictions of ``partition`` by ``metric`` (of each ``group_by`` group).
+
+        ``metric`` is a score column (``val_score``, ``test_score`` ...) or a metric of the rows'
+        ``scores`` dicts (``r2``, ``rpd``, ``rmse`` ...: each row's ``scores[partition][metric]``,
+        returned in a column of that name). ``ascending`` is the sort order as given;
+        ``ascending=None`` ranks best first in the metric's own direction (higher is better for
+        r2, rpd, rpiq, accuracy, f1; a bias by its absolute value; for a score column, the
+        direction of the rows' ``metric``, which must then be one).
+        """
         columns = S.PREDICTIONS.schema.names
         numeric = {f.name for f in S.PREDICTIONS.schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)}
-        if not isinstance(metric, str) or metric not in numeric:
-            raise ValueError(f"Invalid metric column: {metric!r} (choose one of {', '.join(sorted(numeric))})")
+        if not isinstance(metric, str) or (metric not in numeric and (metric in columns or not _METRIC_NAME.fullmatch(metric))):
+            raise ValueError(
+                f"Invalid metric column: {metric!r} (choose one of {', '.join(sorted(numeric))}, "
+                "or a metric of the predictions' scores such as r2)"
+            )
         if group_by is not None and (not isinstance(group_by, str) or group_by not in columns):
             raise ValueError(f"Invalid group_by column: {group_by!r} (choose one of {', '.join(columns)})")
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"n must be a non-negative integer, got {n!r}")
-        if not isinstance(ascending, (bool, np.bool_)):
-            raise TypeError(f"ascending must be True or False, got {ascending!r}")
+        if ascending is not None and not isinstance(ascending, (bool, np.bool_)):
+            raise TypeError(f"ascending must be True or False, got {ascending!r} (or None: best first in the metric's own direction)")
         exprs = _filter_exprs({"partition": partition, "dataset_name": dataset_name})
         with self._lock:
             self._check_open()
             frame = self._predictions(dataset_name)
         if exprs:
             frame = frame.filter(*exprs)
-        return top_k(frame, min(int(n), MAX_ROWS), score=metric, by=group_by, ascending=ascending)
+        if metric not in numeric:
+            frame = with_scores(frame, [metric])
+            if metric not in METRICS and not frame.select(pl.col(metric).is_not_null().any()).collect().item():
+                raise ValueError(
+                    f"Invalid metric column: {metric!r} is neither a score column ({', '.join(sorted(numeric))}) "
+                    "nor a metric in the scores of these predictions"
+                )
+        direction_of = metric
+        if ascending is None and metric in numeric:
+            named = frame.select(pl.col("metric").drop_nulls().unique()).collect().to_series().to_list()
+            if len(named) > 1:
+                raise ValueError(f"ascending=None ranks {metric} in the direction of its metric, but these predictions mix {sorted(named)}: pass ascending")
+            direction_of = named[0] if named else metric
+        return top_k(frame, min(int(n), MAX_ROWS), score=metric, by=group_by, ascending=ascending, metric=direction_of)
 
     def delete_prediction(self, prediction_id: str) -> bool:
         """Delete one prediction and its arrays; False when it did not exist."""
@@ -971,6 +1068,26 @@ class WorkspaceStore:
             self._delete("prediction", [prediction_id])
             self._known_predictions.pop(prediction_id, None)
             return True
+
+    def rescore(
+        self,
+        dataset_name: str | None = None,
+        run_id: str | None = None,
+        pipeline_id: str | None = None,
+        partition: str | None = None,
+        save: bool = True,
+    ) -> pl.DataFrame:
+        """Compute the chemometrics set (RMSE, MSE, MAE, R², bias, SEP, RPD, RPIQ; accuracy,
+        balanced accuracy, F1 for classification) from the arrays of the matching predictions.
+
+        With ``save`` each prediction is saved again with the values merged into
+        ``scores[<its partition>]`` (same-named entries replaced), so every ranking reads them.
+        Returns one row per prediction that has arrays, with a column per metric. docs/scores.md
+        defines each metric.
+        """
+        from .scores import rescore
+
+        return rescore(self, dataset_name=dataset_name, run_id=run_id, pipeline_id=pipeline_id, partition=partition, save=save)
 
     def _delete(self, kind: str, entity_ids: list[str]) -> None:
         """Append deletion records and publish them at once, so every reader stops seeing them."""
@@ -1210,37 +1327,23 @@ class WorkspaceStore:
 
     # ------------------------------------------------------------------ export, deletion, replay
     def export_chain(self, chain_id: str, output_path: str | os.PathLike, format: str = "n4a") -> Path:
-        """Write the chain and its artifacts to a zip (``manifest.json``, ``chain.json``, ``artifacts/``)."""
-        if format != "n4a":
-            raise ValueError(f"unknown export format {format!r}: only 'n4a' is supported")
-        chain = self.get_chain(chain_id)
-        if chain is None:
-            raise KeyError(f"unknown chain_id {chain_id!r}")
-        with self._lock:
-            ids = self._frame(S.CHAINS).filter(pl.col("chain_id") == chain_id).collect()["artifact_ids"][0].to_list()
-            records = self._frame(S.ARTIFACTS).filter(pl.col("artifact_id").is_in(ids)).collect().rows(named=True)
-        target = _with_suffix(output_path, ".n4a")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        manifest_artifacts = []
-        with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for rec in records:
-                name = f"artifacts/{rec['artifact_id']}.{rec['format']}"
-                zf.writestr(name, art.read_verified(self._storage, rec["path"], rec["content_hash"]))
-                manifest_artifacts.append(
-                    {k: rec[k] for k in ("artifact_id", "content_hash", "operator_class", "artifact_type", "format", "size_bytes")}
-                    | {"file": name}
-                )
-            manifest = {
-                "format": "n4a",
-                "producer": f"nirslake {__version__}",
-                "chain_id": chain_id,
-                "pipeline_id": chain["pipeline_id"],
-                "exported_at": datetime.now(timezone.utc).isoformat(),
-                "artifacts": manifest_artifacts,
-            }
-            zf.writestr("manifest.json", json.dumps(manifest, indent=2))
-            zf.writestr("chain.json", json.dumps(chain, indent=2, default=str))
-        return target
+        """Write the chain and its artifacts as a bundle: a zip of ``manifest.json``, ``chain.json``
+        and ``artifacts/``, sealed with the sha256 of every byte, that ``nirslake.predict`` and
+        nirs4all's ``predict(model=path, engine="legacy")`` load (docs/bundles.md)."""
+        from .bundles import export_chain
+
+        return export_chain(self, chain_id, output_path, format)
+
+    def import_bundle(self, path: str | os.PathLike) -> str:
+        """Add a bundle's chain and artifacts to this workspace; returns the new chain id.
+
+        The bundle is verified whole first. Artifacts are stored once (an object already here is
+        not written again); the chain comes under a run ``import of <bundle>`` whose config keeps
+        the provenance (bundle name, its sha256, when it was imported). A durability point.
+        """
+        from .bundles import import_bundle
+
+        return import_bundle(self, path)
 
     def export_pipeline_config(self, pipeline_id: str, output_path: str | os.PathLike) -> Path:
         """Write the pipeline's expanded config as JSON (``.json`` added when the path has no suffix)."""
@@ -1405,23 +1508,12 @@ class WorkspaceStore:
 
     def replay_chain(self, chain_id: str, X: Any, wavelengths: Any = None) -> np.ndarray:
         """Predict with a stored chain: shared transformers in step order, then the mean over fold models."""
+        from .bundles import apply_chain
+
         chain = self.get_chain(chain_id)
         if chain is None:
             raise KeyError(f"unknown chain_id {chain_id!r}")
-        if chain.get("model_step_idx") is None:
-            raise RuntimeError(f"chain {chain_id} has no model step to replay")
-        fold_ids = [v for _, v in sorted(chain["fold_artifacts"].items()) if v]
-        if not fold_ids:
-            raise RuntimeError(f"chain {chain_id} has no fold models to replay")
-        data = np.asarray(X, dtype=np.float64)
-        for step in sorted(chain["shared_artifacts"], key=int):
-            if int(step) >= chain["model_step_idx"]:
-                continue
-            for artifact_id in chain["shared_artifacts"][step]:
-                data = self.load_artifact(artifact_id).transform(data)
-        predictions = [np.asarray(self.load_artifact(a).predict(data), dtype=np.float64).reshape(len(data), -1) for a in fold_ids]
-        mean = np.mean(predictions, axis=0)
-        return mean.ravel() if mean.shape[1] == 1 else mean
+        return apply_chain(chain, self.load_artifact, X, wavelengths)
 
 
 def _observe_stamps(rows: pa.Table, tdef: S.TableDef, deleted: Deleted, key: str) -> None:
