@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -240,3 +241,18 @@ def let_object_times_pass(workspace: str) -> None:
     if "://" in workspace:
         now = time.time()
         time.sleep(math.ceil(now) - now + 0.02)
+
+
+def run_doc_page(page: str, folder) -> None:
+    """Run a docs/ page's Python blocks in order, in one namespace, inside ``folder``: the page works as written."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, f"{page} lost its examples"
+    namespace: dict = {}
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        for block in blocks:
+            exec(compile(block, page, "exec"), namespace)
+    finally:
+        os.chdir(here)

@@ -22,6 +22,7 @@ from sklearn.cross_decomposition import PLSRegression
 from sklearn.preprocessing import StandardScaler
 
 import nirslake
+from conftest import run_doc_page
 from nirslake import BundleError, WorkspaceStore
 from nirslake.bundles import FORMAT_VERSION, provenance, read_bundle
 
@@ -379,3 +380,7 @@ def _epoch(iso: str) -> float:
 def test_bundle_bytes_can_be_read_from_memory(exported):
     bundle, replayed, _ = exported
     np.testing.assert_array_equal(read_bundle(io.BytesIO(bundle.read_bytes()).getvalue()).predict(X_NEW), replayed)
+
+
+def test_the_bundles_page_runs_as_written(tmp_path):
+    run_doc_page("bundles.md", tmp_path)

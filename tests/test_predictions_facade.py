@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 import nirslake.query as q
+from conftest import run_doc_page
 from nirslake import Predictions, WorkspaceStore
 from nirslake import scores as sc
 
@@ -265,3 +266,7 @@ def test_from_store_loads_rows_and_arrays_for_ranking(pipeline):
     loaded.flush(pipe, chain)  # written already: nothing written again
     assert store.query_predictions().height == 12
     assert math.isfinite(loaded.top(1, "rpiq")[0]["rank_score"])
+
+
+def test_the_predictions_page_runs_as_written(tmp_path):
+    run_doc_page("predictions.md", tmp_path)

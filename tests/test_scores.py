@@ -13,6 +13,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, mean_absolute_error, r2_score
 
 import nirslake.query as q
+from conftest import run_doc_page
 from nirslake import Predictions, WorkspaceStore
 from nirslake import scores as sc
 from nirslake.cli import main as cli_main
@@ -261,3 +262,7 @@ def test_with_scores_reads_each_rows_own_partition_and_odd_keys():
     })
     got = q.with_scores(frame).collect()
     assert got["r2"].to_list() == [0.5, 0.3, 0.7]
+
+
+def test_the_scores_page_runs_as_written(tmp_path):
+    run_doc_page("scores.md", tmp_path)

@@ -76,12 +76,15 @@ MAX_ROWS = 2**32 - 1
 # A metric name of a ``scores`` dict that ``top_predictions`` may rank by: a plain identifier.
 _METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "branch_id", "pipeline_id", "run_id")
-# save_prediction's arguments, in order: the fields of a save_predictions record.
+# save_prediction's arguments, in order: the fields of a save_predictions record (with the arrays).
 _PREDICTION_FIELDS = (
     "pipeline_id", "chain_id", "dataset_name", "model_name", "model_class", "fold_id", "partition", "val_score",
     "test_score", "train_score", "metric", "task_type", "n_samples", "n_features", "scores", "best_params",
     "branch_id", "branch_name", "exclusion_count", "exclusion_rate", "preprocessings", "prediction_id",
 )
+_FIELD_DEFAULTS = tuple((f, "" if f == "preprocessings" else None) for f in _PREDICTION_FIELDS)
+_RECORD_FIELDS = frozenset(_PREDICTION_FIELDS) | frozenset(ARRAY_FIELDS)
+_REQUIRED_FIELDS = frozenset({"pipeline_id", "chain_id", "dataset_name"})
 
 
 def _json(value: Any, field: str) -> str | None:
@@ -526,12 +529,30 @@ class WorkspaceStore:
         if owner != pipeline_id:
             raise ValueError(f"chain_id {chain_id!r} belongs to pipeline {owner!r}, not to pipeline_id {pipeline_id!r}")
 
-    def _prediction_owner(self, prediction_id: str) -> tuple[str, str, int] | None:
-        """(run_id, dataset_name, created µs) of a prediction; looked up without flushing, then remembered."""
+    def _stored_owners(self, prediction_ids: list) -> dict[str, tuple[str, str, int]]:
+        """``_prediction_owner`` of many ids at once: one listing, and only the ids some file
+        holds are read (a batch of fresh ids costs a dict lookup per file each)."""
+        wanted = {p for p in prediction_ids if isinstance(p, str) and p}
+        owners = {p: self._known_predictions[p] for p in wanted if p in self._known_predictions}
+        unknown = wanted - set(owners)
+        if unknown:
+            snap = self._snapshot(publish=False, tables=("predictions",))
+            held = set()
+            for rel in snap.table_files(S.PREDICTIONS):
+                held |= unknown & self._cache.positions(self._storage, rel, S.PREDICTIONS).keys()
+            for pid in held:
+                owner = self._prediction_owner(pid, snap)
+                if owner is not None:
+                    owners[pid] = owner
+        return owners
+
+    def _prediction_owner(self, prediction_id: str, snap: Snapshot | None = None) -> tuple[str, str, int] | None:
+        """(run_id, dataset_name, created µs) of a prediction; looked up without flushing (in
+        ``snap``, a listing of the predictions, when given), then remembered."""
         _text("prediction_id", prediction_id, allow_none=False)
         owner = self._known_predictions.get(prediction_id)
         if owner is None:
-            row = self._row(S.PREDICTIONS, prediction_id, snap=self._snapshot(publish=False, tables=("predictions",)))
+            row = self._row(S.PREDICTIONS, prediction_id, snap=snap or self._snapshot(publish=False, tables=("predictions",)))
             if row is None:
                 return None
             created = (row["created_at"] - _EPOCH) // timedelta(microseconds=1)
@@ -812,19 +833,27 @@ class WorkspaceStore:
         self, pipeline_id, chain_id, dataset_name, model_name, model_class, fold_id, partition, val_score, test_score,
         train_score, metric, task_type, n_samples, n_features, scores, best_params, branch_id, branch_name,
         exclusion_count, exclusion_rate, preprocessings="", prediction_id=None,
+        owner_of: Callable[[str], tuple[str, str, int] | None] | None = None,
+        parents: dict | None = None,
     ) -> dict:
-        """One checked ``predictions`` row (``save_prediction``'s arguments); records nothing."""
-        pipeline = self._require_pipeline(pipeline_id)
+        """One checked ``predictions`` row (``save_prediction``'s arguments); records nothing.
+        ``owner_of`` finds where a caller-given id is stored already, and ``parents`` remembers the
+        (pipeline, chain) pairs already checked: a batch looks each up once."""
+        pipeline = parents.get((pipeline_id, chain_id)) if parents is not None else None
+        if pipeline is None:
+            pipeline = self._require_pipeline(pipeline_id)
+            if chain_id is not None:
+                self._require_chain(_text("chain_id", chain_id), pipeline_id)
+            if parents is not None:
+                parents[(pipeline_id, chain_id)] = pipeline
         _text("dataset_name", dataset_name, allow_none=False)
-        if chain_id is not None:
-            self._require_chain(_text("chain_id", chain_id), pipeline_id)
         if prediction_id is None:
             pid = new_id()
         else:
             pid = _text("prediction_id", prediction_id, allow_none=False)
             if not pid:
                 raise ValueError("prediction_id must not be empty")
-            owner = self._prediction_owner(pid)
+            owner = (owner_of or self._prediction_owner)(pid)
             if owner is not None and owner[1] != dataset_name:
                 # A key lives in one dataset partition; moving it would let pruned reads disagree.
                 raise ValueError(
@@ -872,18 +901,20 @@ class WorkspaceStore:
         records = list(records)
         with self._lock:
             self._check_open()
-            rows, arrays, datasets = [], [], {}
+            rows, arrays, datasets, parents = [], [], {}, {}
+            stored = self._stored_owners([r.get("prediction_id") for r in records if isinstance(r, Mapping)])
             for i, record in enumerate(records):
                 try:
                     if not isinstance(record, Mapping):
                         raise TypeError(f"a record must be a mapping of field names, got {type(record).__name__}")
-                    unknown = set(record) - set(_PREDICTION_FIELDS) - set(ARRAY_FIELDS)
+                    unknown = record.keys() - _RECORD_FIELDS
                     if unknown:
                         raise TypeError(f"unknown field(s) {sorted(map(str, unknown))}")
-                    absent = [f for f in ("pipeline_id", "chain_id", "dataset_name") if f not in record]
-                    if absent:
-                        raise TypeError(f"missing field(s) {absent}")
-                    row = self._prediction_row(**{f: record.get(f, "" if f == "preprocessings" else None) for f in _PREDICTION_FIELDS})
+                    if not _REQUIRED_FIELDS <= record.keys():
+                        raise TypeError(f"missing field(s) {sorted(_REQUIRED_FIELDS - record.keys())}")
+                    row = self._prediction_row(
+                        **{f: record.get(f, default) for f, default in _FIELD_DEFAULTS}, owner_of=stored.get, parents=parents
+                    )
                     pid = row["prediction_id"]
                     if datasets.setdefault(pid, row["dataset_name"]) != row["dataset_name"]:
                         raise ValueError(f"prediction_id {pid!r} is in this batch under two datasets")
@@ -891,10 +922,12 @@ class WorkspaceStore:
                     checked = None
                     if any(v is not None for v in given.values()):
                         for field, value in given.items():
-                            _array_size(field, value)
+                            if value is not None and not isinstance(value, np.ndarray):  # an array's size is known
+                                _array_size(field, value)
                         checked = check_arrays(**given)
                         for field, value in checked.items():
-                            _array_size(field, value)
+                            if value is not None and value.size > MAX_ARRAY_VALUES:
+                                _array_size(field, value)
                 except (TypeError, ValueError, KeyError) as exc:
                     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
                     raise type(exc)(f"record {i}: {message}") from None
