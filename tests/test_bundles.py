@@ -196,6 +196,34 @@ def test_a_chain_with_more_than_replay_uses_comes_back_whole(tmp_path):
     np.testing.assert_array_equal(nirslake.predict(bundle, X_NEW), replayed)
 
 
+class WavelengthWeighting:
+    """A transformer that needs the wavelengths (as nirs4all's wavelength-aware operators do)."""
+
+    def transform(self, X, wavelengths=None):
+        if wavelengths is None:
+            raise ValueError("WavelengthWeighting needs the wavelengths")
+        return np.asarray(X) * (np.asarray(wavelengths) / 1000.0)
+
+
+def test_wavelengths_reach_the_transformers_that_take_them(tmp_path):
+    from sklearn.linear_model import LinearRegression
+
+    with WorkspaceStore(str(tmp_path / "ws")) as store:
+        run = store.begin_run("r", {}, [])
+        pipe = store.begin_pipeline(run, "weighted", {}, {}, "wheat", "h")
+        weighting = store.save_artifact(WavelengthWeighting(), "WavelengthWeighting", "transformer", "pickle")
+        weighted = X_TRAIN * (WAVELENGTHS / 1000.0)
+        model = store.save_artifact(LinearRegression().fit(weighted, Y_TRAIN), "LinearRegression", "model", "pickle")
+        chain = store.save_chain(pipe, [], 1, "LinearRegression", "WavelengthWeighting", "none", {"fold_0": model}, {"0": [weighting]})
+        replayed = store.replay_chain(chain, X_NEW, WAVELENGTHS)
+        with pytest.raises(ValueError, match="needs the wavelengths"):
+            store.replay_chain(chain, X_NEW)
+        bundle = store.export_chain(chain, tmp_path / "weighted.n4a")
+    expected = LinearRegression().fit(weighted, Y_TRAIN).predict(X_NEW * (WAVELENGTHS / 1000.0))
+    np.testing.assert_allclose(replayed, expected, rtol=1e-10)
+    np.testing.assert_array_equal(nirslake.predict(bundle, X_NEW, WAVELENGTHS), replayed)
+
+
 # --------------------------------------------------------------------------- refused bundles
 
 MARKER_ENV = "NIRSLAKE_TEST_UNPICKLED"

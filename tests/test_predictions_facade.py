@@ -270,3 +270,24 @@ def test_from_store_loads_rows_and_arrays_for_ranking(pipeline):
 
 def test_the_predictions_page_runs_as_written(tmp_path):
     run_doc_page("predictions.md", tmp_path)
+
+
+def test_save_predictions_names_the_bad_record_and_keeps_nothing(pipeline):
+    store, pipe, chain = pipeline
+    good = {"pipeline_id": pipe, "chain_id": chain, "dataset_name": "corn", "partition": "val", "y_true": [1.0], "y_pred": [2.0]}
+    cases = [
+        ({**good, "colour": "red"}, TypeError, "record 1: unknown field(s) ['colour']"),
+        ({k: v for k, v in good.items() if k != "chain_id"}, TypeError, "record 1: missing field(s) ['chain_id']"),
+        ("not a record", TypeError, "record 1: a record must be a mapping"),
+        ({**good, "val_score": "high"}, TypeError, "record 1: val_score"),
+        ({**good, "sample_ids": [1.5]}, TypeError, "record 1: sample_ids must hold strings or whole numbers"),
+        ({**good, "prediction_id": "p1"}, ValueError, "record 2: prediction_id 'p1' is in this batch under two datasets"),
+    ]
+    for bad, error, message in cases:
+        batch = [good, bad] if "two datasets" not in message else [good, {**good, "prediction_id": "p1"}, {**good, "prediction_id": "p1", "dataset_name": "wheat"}]
+        with pytest.raises(error) as raised:
+            store.save_predictions(batch)
+        assert message in str(raised.value), str(raised.value)
+    assert store.query_predictions().height == 0
+    ids = store.save_predictions([good, {**good, "sample_ids": ["a"]}])
+    assert store.get_prediction(ids[1], load_arrays=True)["sample_ids"].tolist() == ["a"]
