@@ -162,9 +162,11 @@ def test_a_bundle_exported_again_from_the_import_predicts_the_same(exported, tmp
     np.testing.assert_array_equal(nirslake.predict(again, X_NEW), replayed)
 
 
-def test_nirs4all_predict_loads_the_bundle_with_the_same_numbers(exported):
+def test_nirs4all_predict_loads_the_bundle_with_the_same_numbers(exported, tmp_path, monkeypatch):
     bundle, replayed, _ = exported
     import nirs4all
+
+    monkeypatch.chdir(tmp_path)  # nirs4all's runner makes a ./workspace of its own
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nirs4all warns that engine="legacy" is its rollback lane
