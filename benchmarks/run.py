@@ -24,7 +24,7 @@ from datetime import date
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from workloads import Sweep, floor, queries, startup, sweep  # noqa: E402
+from workloads import Sweep, floor, queries, startup, sweep, sweep_facade  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -35,6 +35,8 @@ def worker(args: argparse.Namespace) -> None:
         result = queries(args.store, args.workspace, size)
     elif args.worker == "startup":
         result = startup(args.store, args.workspace, repeat=3 if args.smoke else 5)
+    elif args.worker == "facade":
+        result = sweep_facade(args.store, args.workspace, size)
     else:
         result = floor(args.workspace, size)
     print("RESULT " + json.dumps(result))
@@ -84,7 +86,7 @@ def ratio(peer: float | None, ours: float, higher_is_better: bool = False) -> st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=["sweep", "queries", "startup", "floor"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["sweep", "queries", "startup", "facade", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--store", default="nirslake", help=argparse.SUPPRESS)
     parser.add_argument("--workspace", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -119,6 +121,9 @@ def main() -> None:
             print(f"[{store}] queries ...", file=sys.stderr, flush=True)
             results[store] |= spawn("queries", store, ws, size)
             shutil.rmtree(ws, ignore_errors=True)
+            print(f"[{store}] sweep through the Predictions facade ...", file=sys.stderr, flush=True)
+            results[store] |= spawn("facade", store, ws + "-facade", size)
+            shutil.rmtree(ws + "-facade", ignore_errors=True)
         print("[floor] pyarrow alone ...", file=sys.stderr, flush=True)
         results["floor"] = spawn("floor", "nirslake", os.path.join(root, "floor"), size)
         if args.scale:
@@ -146,6 +151,8 @@ def render(results: dict, size: Sweep, scale: int) -> str:
     rows = [
         ("ingest rate (incl. close)", fmt_rate(p("ingest_rate")) if peer else "-", fmt_rate(ours["ingest_rate"]),
          ratio(p("ingest_rate"), ours["ingest_rate"], higher_is_better=True), ">= 50x"),
+        ("ingest through the Predictions facade (flush per pipeline)", fmt_rate(p("facade_ingest_rate")) if peer else "-",
+         fmt_rate(ours["facade_ingest_rate"]), ratio(p("facade_ingest_rate"), ours["facade_ingest_rate"], higher_is_better=True), ""),
         ("top-10 per dataset", fmt_s(p("top10_s")) if peer else "-", fmt_s(ours["top10_s"]), ratio(p("top10_s"), ours["top10_s"]), ">= 5x"),
         ("top-10 per dataset, first call", fmt_s(p("top10_first_s")) if peer else "-", fmt_s(ours["top10_first_s"]),
          ratio(p("top10_first_s"), ours["top10_first_s"]), ""),
@@ -178,6 +185,14 @@ def render(results: dict, size: Sweep, scale: int) -> str:
         f"| import the store | {fmt_s(p('import_s')) if peer else '-'} | {fmt_s(ours['import_s'])} | {ratio(p('import_s'), ours['import_s'])} | |",
         f"| top-10 per dataset, whole process (`nirslake top`; the peer: a script) | {fmt_s(p('cli_top_s')) if peer else '-'} "
         f"| {fmt_s(ours['cli_top_s'])} | {ratio(p('cli_top_s'), ours['cli_top_s'])} | {fmt_s(shell) if shell else 'no duckdb CLI'} |",
+    ]
+    lines += [
+        "",
+        "| nirslake: writing predictions with arrays | rate | against the per-call API | target |",
+        "|---|---|---|---|",
+        f"| per call (`save_prediction` + `save_prediction_arrays`) | {fmt_rate(ours['ingest_rate'])} | 1.00x | |",
+        f"| `Predictions` facade, one `flush` per pipeline | {fmt_rate(ours['facade_ingest_rate'])} | "
+        f"{ours['facade_ingest_rate'] / ours['ingest_rate']:.2f}x | > 1x |",
     ]
     lines += [
         "",

@@ -145,6 +145,56 @@ def sweep(store_name: str, workspace: str, sweep: Sweep) -> dict:
     }
 
 
+def sweep_facade(store_name: str, workspace: str, sweep: Sweep) -> dict:
+    """The sweep, its predictions written the way training loops write them: each pipeline's 15
+    rows added to a ``Predictions`` facade with their arrays, then one ``flush`` (nirslake:
+    ``nirslake.Predictions``; the peer: nirs4all's own ``nirs4all.data.predictions.Predictions``
+    on its store). Timed to close()."""
+    if store_name == "nirslake":
+        from nirslake import Predictions
+    else:
+        from nirs4all.data.predictions import Predictions
+    rng = np.random.default_rng(1)
+    scores = rng.random(sweep.predictions)
+    started = time.perf_counter()
+    store = open_store(store_name, workspace)
+    datasets = [f"dataset_{d}" for d in range(sweep.datasets)]
+    run_id = store.begin_run("benchmark sweep", {"pipelines": sweep.pipelines}, [{"name": d} for d in datasets])
+    k = 0
+    for p in range(sweep.total_pipelines):
+        dataset = datasets[p % sweep.datasets]
+        pipe = store.begin_pipeline(run_id, f"pipeline_{p}", {"model": "PLS", "n_components": p % 20}, {}, dataset, f"h{p % sweep.datasets}")
+        arrays = pipeline_arrays(p, sweep.samples)
+        model = {"coef": arrays[0, 0, :20].tolist(), "pipeline": p}
+        artifact = store.save_artifact(model, "PLSRegression", "model", "pickle")
+        steps = [{"step_idx": 0, "operator_class": "PLSRegression", "params": {"n_components": p % 20}, "artifact_id": artifact, "stateless": False}]
+        chain = store.save_chain(pipe, steps, 0, "PLSRegression", "SNV", "kfold", {"fold_0": artifact}, {})
+        predictions = Predictions(store=store)  # one per pipeline, as nirs4all's executor holds it
+        for fold in range(FOLDS):
+            for partition in PARTITIONS:
+                score = float(scores[k])
+                predictions.add_prediction(
+                    dataset_name=dataset, model_name=f"PLS_{p % 20}", model_classname="PLSRegression", fold_id=fold,
+                    partition=partition, y_true=arrays[k % 15, 0], y_pred=arrays[k % 15, 1], val_score=score,
+                    test_score=score + 0.01, train_score=score - 0.01, metric="rmse", task_type="regression",
+                    n_samples=sweep.samples, n_features=100, scores={"val": {"rmse": score}},
+                    best_params={"n_components": p % 20}, preprocessings="SNV",
+                )
+                k += 1
+        predictions.flush(pipeline_id=pipe, chain_id=chain)
+        if store_name == "peer":
+            store.bulk_update_chain_summaries([chain])
+        store.complete_pipeline(pipe, 0.1, 0.2, "rmse", 10)
+    store.complete_run(run_id, {"pipelines": sweep.pipelines})
+    store.close()
+    elapsed = time.perf_counter() - started
+    stored = open_store(store_name, workspace)
+    written = stored.query_predictions().height
+    stored.close()
+    assert written == sweep.predictions, f"{store_name}: {written} predictions stored, {sweep.predictions} written"
+    return {"facade_ingest_s": elapsed, "facade_ingest_rate": sweep.predictions / elapsed}
+
+
 def _timed(fn, repeat: int = 5) -> tuple[float, float]:
     """(first call, median of the following calls), in seconds."""
     t0 = time.perf_counter()

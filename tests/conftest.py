@@ -14,6 +14,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -275,3 +276,18 @@ def spark(tmp_path_factory):
             os.environ.pop("SPARK_LOCAL_IP", None)
         else:
             os.environ["SPARK_LOCAL_IP"] = saved
+
+
+def run_doc_page(page: str, folder) -> None:
+    """Run a docs/ page's Python blocks in order, in one namespace, inside ``folder``: the page works as written."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, f"{page} lost its examples"
+    namespace: dict = {}
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        for block in blocks:
+            exec(compile(block, page, "exec"), namespace)
+    finally:
+        os.chdir(here)

@@ -21,13 +21,14 @@ FROM predictions
 GROUP BY chain_id, dataset_name, model_name, partition;
 
 -- The chains of each dataset ranked by mean validation score over folds; the metric sets
--- the direction (lower is better for error metrics, higher for r2/accuracy/f1);
--- {lower_is_better} is filled from nirslake.query.LOWER_IS_BETTER.
+-- the direction (lower is better for error metrics, higher for r2/rpd/accuracy/f1, closest to
+-- zero for a bias); {lower_is_better} and {closest_to_zero} are filled from nirslake.query.scores.
 CREATE OR REPLACE VIEW leaderboard AS
 SELECT row_number() OVER (
            PARTITION BY dataset_name
-           ORDER BY CASE WHEN lower(metric) IN ({lower_is_better})
-                         THEN val_score_mean ELSE -val_score_mean END ASC NULLS LAST) AS rank,
+           ORDER BY CASE WHEN lower(metric) IN ({closest_to_zero}) THEN abs(val_score_mean)
+                         WHEN lower(metric) IN ({lower_is_better}) THEN val_score_mean
+                         ELSE -val_score_mean END ASC NULLS LAST) AS rank,
        dataset_name, chain_id, model_name, preprocessings, metric,
        val_score_mean, val_score_std, test_score_mean, n_folds, pipeline_id, run_id
 FROM chain_summary

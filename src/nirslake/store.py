@@ -14,24 +14,25 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
-from .api import exports, gc, records
+from .api import bundles, exports, gc, records
 from .api import validation as V
 from .api.known import Known
+from .api.records import checked_arrays_row, record_arrays
 from .api.reads import LakeReads, filter_exprs, leasable, log_summary, public
-from .api.replay import replay_chain
 from .lake import artifacts as art
 from .lake import schema as S
 from .lake.storage import Storage
 from .lake.tables import CLOCK, empty_table, new_id, root_schema_file, schema_file, to_parquet_bytes
 from .lake.writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, DEFAULT_FLUSH_SECONDS, LakeWriter, flush_left_open, recover_orphans
-from .query import catalog, top_k
+from .query import catalog, top_k, with_scores
+from .query.scores import METRICS
 
 if TYPE_CHECKING:
     from .lake.check import CheckReport
@@ -131,8 +132,10 @@ class WorkspaceStore:
                     self._storage.publish(rel, to_parquet_bytes(empty_table(tdef.schema)), exists_ok=True)
                     if rel != root_schema_file(tdef):
                         # Older workspaces kept it at the table root, outside every `dataset=` folder,
-                        # which hive readers refuse (lake spec §3); it holds no rows.
-                        self._storage.delete(root_schema_file(tdef))
+                        # which hive readers refuse (lake spec §3); it holds no rows. One made by an
+                        # older format holds that format's file there.
+                        for version in range(1, S.FORMAT_VERSION + 1):
+                            self._storage.delete(root_schema_file(tdef, version))
         try:
             if not current:
                 catalog.build_catalog(self._storage)
@@ -384,15 +387,66 @@ class WorkspaceStore:
         fields = dict(locals())
         with self._lock:
             self._check_open()
+            row = self._prediction_row(fields)
+            self._known.predictions[row["prediction_id"]] = (row["run_id"], dataset_name, row["created_at"])
+            self._buffer("predictions", row)
+            return row["prediction_id"]
+
+    def _prediction_row(
+        self, fields: Mapping[str, Any], owner_of: Callable[[str], tuple[str, str, int] | None] | None = None,
+        parents: dict | None = None,
+    ) -> dict:
+        """One checked ``predictions`` row from ``save_prediction``'s arguments by name; records
+        nothing. ``owner_of`` finds where a caller-given id is stored already, and ``parents``
+        remembers the (pipeline, chain) pairs already checked: a batch looks each up once."""
+        pipeline_id, chain_id, dataset_name = fields["pipeline_id"], fields["chain_id"], fields["dataset_name"]
+        pipeline = parents.get((pipeline_id, chain_id)) if parents is not None else None
+        if pipeline is None:
             pipeline = self._known.pipeline(pipeline_id)
-            V.text("dataset_name", dataset_name, allow_none=False)
             if chain_id is not None:
                 self._known.check_chain(V.text("chain_id", chain_id), pipeline_id)
-            pid = new_id() if prediction_id is None else self._known.resaved_prediction(prediction_id, dataset_name)
-            row = records.prediction_row(pid, pipeline, chain_id, dataset_name, fields)
-            self._known.predictions[pid] = (pipeline["run_id"], dataset_name, row["created_at"])
-            self._buffer("predictions", row)
-            return pid
+            if parents is not None:
+                parents[(pipeline_id, chain_id)] = pipeline
+        V.text("dataset_name", dataset_name, allow_none=False)
+        prediction_id = fields["prediction_id"]
+        pid = new_id() if prediction_id is None else self._known.resaved_prediction(prediction_id, dataset_name, owner_of)
+        return records.prediction_row(pid, pipeline, chain_id, dataset_name, fields)
+
+    def save_predictions(self, records: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Save many predictions with their arrays as one batch; returns their ids, in order.
+
+        Each record holds ``save_prediction``'s arguments by name (``pipeline_id``, ``chain_id``,
+        ``dataset_name`` required; the others default to None, ``preprocessings`` to "") and any of
+        ``y_true``, ``y_pred``, ``y_proba``, ``sample_indices``, ``weights`` and ``sample_ids`` (the
+        sample each row measured, docs/scores.md). Every record is checked before any is kept, so a
+        bad one (named by its position) leaves nothing behind; the batch is durable once this
+        returns. The fastest way to write predictions: ``nirslake.Predictions.flush`` uses it.
+        """
+        batch = list(records)
+        with self._lock:
+            self._check_open()
+            rows, arrays, datasets, parents = [], [], {}, {}
+            stored = self._known.stored_predictions([r.get("prediction_id") for r in batch if isinstance(r, Mapping)])
+            for i, record in enumerate(batch):
+                try:
+                    row = self._prediction_row(V.prediction_record(record), owner_of=stored.get, parents=parents)
+                    pid = row["prediction_id"]
+                    if datasets.setdefault(pid, row["dataset_name"]) != row["dataset_name"]:
+                        raise ValueError(f"prediction_id {pid!r} is in this batch under two datasets")
+                    checked = record_arrays(record)
+                except (TypeError, ValueError, KeyError) as exc:
+                    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+                    raise type(exc)(f"record {i}: {message}") from None
+                rows.append(row)
+                arrays.append(checked)
+            for row, checked in zip(rows, arrays):
+                owner = (row["run_id"], row["dataset_name"], row["created_at"])
+                self._known.predictions[row["prediction_id"]] = owner
+                self._buffer("predictions", row)
+                if checked is not None:
+                    self._writer.add_arrays(checked_arrays_row(row["prediction_id"], owner, checked))
+            self._writer.commit()
+            return [row["prediction_id"] for row in rows]
 
     def save_prediction_arrays(
         self,
@@ -458,20 +512,41 @@ class WorkspaceStore:
         self,
         n: int,
         metric: str = "val_score",
-        ascending: bool = True,
+        ascending: bool | None = True,
         partition: str = "val",
         dataset_name: str | None = None,
         group_by: str | None = None,
     ) -> pl.DataFrame:
-        """The best ``n`` predictions of ``partition`` by the ``metric`` column (of each ``group_by`` group)."""
-        V.top_predictions_args(n, metric, ascending, group_by)
+        """The best ``n`` predictions of ``partition`` by ``metric`` (of each ``group_by`` group).
+
+        ``metric`` is a score column (``val_score``, ``test_score`` ...) or a metric of the rows'
+        ``scores`` dicts (``r2``, ``rpd``, ``rmse`` ...: each row's ``scores[partition][metric]``,
+        returned in a column of that name). ``ascending`` is the sort order as given;
+        ``ascending=None`` ranks best first in the metric's own direction (higher is better for
+        r2, rpd, rpiq, accuracy, f1; a bias by its absolute value; for a score column, the
+        direction of the rows' ``metric``, which must then be one).
+        """
+        numeric = V.top_predictions_args(n, metric, ascending, group_by)
         exprs = filter_exprs({"partition": partition, "dataset_name": dataset_name})
         with self._lock:
             self._check_open()
             frame = self._predictions(dataset_name)
         if exprs:
             frame = frame.filter(*exprs)
-        return top_k(frame, min(int(n), V.MAX_ROWS), score=metric, by=group_by, ascending=ascending)
+        if metric not in numeric:
+            frame = with_scores(frame, [metric])
+            if metric not in METRICS and not frame.select(pl.col(metric).is_not_null().any()).collect().item():
+                raise ValueError(
+                    f"Invalid metric column: {metric!r} is neither a score column ({', '.join(sorted(numeric))}) "
+                    "nor a metric in the scores of these predictions"
+                )
+        direction_of = metric
+        if ascending is None and metric in numeric:
+            named = frame.select(pl.col("metric").drop_nulls().unique()).collect().to_series().to_list()
+            if len(named) > 1:
+                raise ValueError(f"ascending=None ranks {metric} in the direction of its metric, but these predictions mix {sorted(named)}: pass ascending")
+            direction_of = named[0] if named else metric
+        return top_k(frame, min(int(n), V.MAX_ROWS), score=metric, by=group_by, ascending=ascending, metric=direction_of)
 
     def delete_prediction(self, prediction_id: str) -> bool:
         """Delete one prediction and its arrays; False when it did not exist."""
@@ -487,6 +562,26 @@ class WorkspaceStore:
             self._delete("prediction", [prediction_id])
             self._known.predictions.pop(prediction_id, None)
             return True
+
+    def rescore(
+        self,
+        dataset_name: str | None = None,
+        run_id: str | None = None,
+        pipeline_id: str | None = None,
+        partition: str | None = None,
+        save: bool = True,
+    ) -> pl.DataFrame:
+        """Compute the chemometrics set (RMSE, MSE, MAE, R², bias, SEP, RPD, RPIQ; accuracy,
+        balanced accuracy, F1 for classification) from the arrays of the matching predictions.
+
+        With ``save`` each prediction is saved again with the values merged into
+        ``scores[<its partition>]`` (same-named entries replaced), so every ranking reads them.
+        Returns one row per prediction that has arrays, with a column per metric. docs/scores.md
+        defines each metric.
+        """
+        from .api.rescore import rescore
+
+        return rescore(self, dataset_name=dataset_name, run_id=run_id, pipeline_id=pipeline_id, partition=partition, save=save)
 
     def _delete(self, kind: str, entity_ids: list[str]) -> None:
         """Append deletion records and publish them at once, so every reader stops seeing them."""
@@ -627,15 +722,19 @@ class WorkspaceStore:
 
     # ------------------------------------------------------------------ export, deletion, replay
     def export_chain(self, chain_id: str, output_path: str | os.PathLike, format: str = "n4a") -> Path:
-        """Write the chain and its artifacts to a zip (``manifest.json``, ``chain.json``, ``artifacts/``)."""
-        V.export_format(format)
-        chain = self.get_chain(chain_id)
-        if chain is None:
-            raise KeyError(f"unknown chain_id {chain_id!r}")
-        with self._lock:
-            ids = self._reads.frame(S.CHAINS).filter(pl.col("chain_id") == chain_id).collect()["artifact_ids"][0].to_list()
-            held = self._reads.frame(S.ARTIFACTS).filter(pl.col("artifact_id").is_in(ids)).collect().rows(named=True)
-        return exports.export_chain(self._storage, chain, held, output_path)
+        """Write the chain and its artifacts as a bundle: a zip of ``manifest.json``, ``chain.json``
+        and ``artifacts/``, sealed with the sha256 of every byte, that ``nirslake.predict`` and
+        nirs4all's ``predict(model=path, engine="legacy")`` load (docs/bundles.md)."""
+        return bundles.export_chain(self, chain_id, output_path, format)
+
+    def import_bundle(self, path: str | os.PathLike) -> str:
+        """Add a bundle's chain and artifacts to this workspace; returns the new chain id.
+
+        The bundle is verified whole first. Artifacts are stored once (an object already here is
+        not written again); the chain comes under a run ``import of <bundle>`` whose config keeps
+        the provenance (bundle name, its sha256, when it was imported). A durability point.
+        """
+        return bundles.import_bundle(self, path)
 
     def export_pipeline_config(self, pipeline_id: str, output_path: str | os.PathLike) -> Path:
         """Write the pipeline's expanded config as JSON (``.json`` added when the path has no suffix)."""
@@ -803,4 +902,4 @@ class WorkspaceStore:
         chain = self.get_chain(chain_id)
         if chain is None:
             raise KeyError(f"unknown chain_id {chain_id!r}")
-        return replay_chain(chain, self.load_artifact, X)
+        return bundles.apply_chain(chain, self.load_artifact, X, wavelengths)

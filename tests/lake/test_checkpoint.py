@@ -185,7 +185,7 @@ def test_an_empty_workspace_lists_its_schema_files(local_workspace):
     manifest = C.read_manifest(Storage(local_workspace))
     assert manifest["table"].to_pylist() == list(TABLES)
     assert all("-schema-v" in f for f in manifest["file"].to_pylist())
-    assert "tables/predictions/dataset=__null__/part-00000000000000-schema-v1.parquet" in manifest["file"].to_pylist()
+    assert f"tables/predictions/dataset=__null__/part-00000000000000-schema-v{S.FORMAT_VERSION}.parquet" in manifest["file"].to_pylist()
 
 
 # -- order between checkpoints -----------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Exports of stored records to files a person or another tool opens: a chain and its artifacts
-as a ``.n4a`` zip, a run as YAML, a pipeline's config as JSON, predictions as one Parquet file.
+"""Exports of stored records to files a person or another tool opens: a run as YAML, a pipeline's
+config as JSON, predictions as one Parquet file (a chain's ``.n4a`` bundle: ``bundles``).
 
 The store reads the records; these functions only write them out.
 """
@@ -8,48 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from .. import __version__
-from ..lake import artifacts as art
-from ..lake.storage import Storage
 
 
 def with_suffix(output_path: str | os.PathLike, suffix: str) -> Path:
     path = Path(output_path)
     return path if path.suffix else path.with_suffix(suffix)
-
-
-def export_chain(storage: Storage, chain: dict, records: list[dict], output_path: str | os.PathLike) -> Path:
-    """Write the chain and its artifacts' verified bytes to a zip (``manifest.json``, ``chain.json``, ``artifacts/``)."""
-    target = with_suffix(output_path, ".n4a")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    manifest_artifacts = []
-    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for rec in records:
-            name = f"artifacts/{rec['artifact_id']}.{rec['format']}"
-            zf.writestr(name, art.read_verified(storage, rec["path"], rec["content_hash"]))
-            manifest_artifacts.append(
-                {k: rec[k] for k in ("artifact_id", "content_hash", "operator_class", "artifact_type", "format", "size_bytes")}
-                | {"file": name}
-            )
-        manifest = {
-            "format": "n4a",
-            "producer": f"nirslake {__version__}",
-            "chain_id": chain["chain_id"],
-            "pipeline_id": chain["pipeline_id"],
-            "exported_at": datetime.now(timezone.utc).isoformat(),
-            "artifacts": manifest_artifacts,
-        }
-        zf.writestr("manifest.json", json.dumps(manifest, indent=2))
-        zf.writestr("chain.json", json.dumps(chain, indent=2, default=str))
-    return target
 
 
 def export_pipeline_config(pipeline: dict, output_path: str | os.PathLike) -> Path:

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ..lake import schema as S
+from ..lake.tables import Snapshot, with_rows
 from . import validation as V
 from .reads import LakeReads
 
@@ -70,12 +71,28 @@ class Known:
         if owner != pipeline_id:
             raise ValueError(f"chain_id {chain_id!r} belongs to pipeline {owner!r}, not to pipeline_id {pipeline_id!r}")
 
-    def prediction(self, prediction_id: str) -> tuple[str, str, int] | None:
-        """(run_id, dataset_name, created µs) of a prediction; looked up without flushing, then remembered."""
+    def stored_predictions(self, prediction_ids: list) -> dict[str, tuple[str, str, int]]:
+        """``prediction`` of many ids at once: one listing, and only the ids some file holds are
+        read (a batch of fresh ids costs a dict lookup per file each)."""
+        wanted = {p for p in prediction_ids if isinstance(p, str) and p}
+        owners = {p: self.predictions[p] for p in wanted if p in self.predictions}
+        unknown = wanted - set(owners)
+        if unknown:
+            snap = self.reads.snapshot(publish=False, tables=("predictions",))
+            rels = with_rows(snap.table_files(S.PREDICTIONS))
+            for pid in self.reads.cache.held_keys(self.reads.storage, rels, S.PREDICTIONS, unknown):
+                owner = self.prediction(pid, snap)
+                if owner is not None:
+                    owners[pid] = owner
+        return owners
+
+    def prediction(self, prediction_id: str, snap: Snapshot | None = None) -> tuple[str, str, int] | None:
+        """(run_id, dataset_name, created µs) of a prediction; looked up without flushing (in
+        ``snap``, a listing of the predictions, when given), then remembered."""
         V.text("prediction_id", prediction_id, allow_none=False)
         owner = self.predictions.get(prediction_id)
         if owner is None:
-            snap = self.reads.snapshot(publish=False, tables=("predictions",))
+            snap = snap or self.reads.snapshot(publish=False, tables=("predictions",))
             row = self.reads.row(S.PREDICTIONS, prediction_id, snap=snap)
             if row is None:
                 return None
@@ -83,12 +100,15 @@ class Known:
             owner = self.predictions[prediction_id] = (row["run_id"], row["dataset_name"], created)
         return owner
 
-    def resaved_prediction(self, prediction_id: Any, dataset_name: str) -> str:
-        """A caller-given prediction id, checked: a key lives in one dataset partition."""
+    def resaved_prediction(
+        self, prediction_id: Any, dataset_name: str, owner_of: Callable[[str], tuple[str, str, int] | None] | None = None
+    ) -> str:
+        """A caller-given prediction id, checked: a key lives in one dataset partition. ``owner_of``
+        (a batch's ``stored_predictions``) finds its owner instead of a lookup."""
         pid = V.text("prediction_id", prediction_id, allow_none=False)
         if not pid:
             raise ValueError("prediction_id must not be empty")
-        owner = self.prediction(pid)
+        owner = (owner_of or self.prediction)(pid)
         if owner is not None and owner[1] != dataset_name:
             # Moving it would let pruned reads disagree.
             raise ValueError(

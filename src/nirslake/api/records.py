@@ -7,9 +7,10 @@ Field order follows the table schemas (lake spec §3); each field is coerced thr
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-from ..lake.arrays import check_arrays
+from ..lake.arrays import ARRAY_FIELDS, check_arrays
 from ..lake.tables import CLOCK, new_id
 from . import validation as V
 
@@ -154,11 +155,26 @@ def prediction_row(pid: str, pipeline: dict, chain_id: Any, dataset_name: str, a
 
 def arrays_row(prediction_id: str, owner: tuple[str, str, int], given: dict[str, Any]) -> dict:
     """A prediction's arrays record, after their sizes and values are checked."""
+    return checked_arrays_row(prediction_id, owner, checked_arrays(given))
+
+
+def checked_arrays(given: dict[str, Any]) -> dict[str, Any]:
+    """The arrays of one prediction, their sizes and values checked."""
     for field, value in given.items():  # before converting: an oversized view costs nothing yet
         V.array_size(field, value)
     arrays = check_arrays(**given)
     for field, value in arrays.items():  # nested lists only show their full size once converted
         V.array_size(field, value)
+    return arrays
+
+
+def record_arrays(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A ``save_predictions`` record's arrays, checked; None when it holds none."""
+    given = {f: record.get(f) for f in ARRAY_FIELDS}
+    return checked_arrays(given) if any(v is not None for v in given.values()) else None
+
+
+def checked_arrays_row(prediction_id: str, owner: tuple[str, str, int], arrays: dict[str, Any]) -> dict:
     return {"prediction_id": prediction_id, "run_id": owner[0], "dataset_name": owner[1], "_version": CLOCK.now_us(), **arrays}
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..lake import schema as S
+from ..lake.arrays import ARRAY_FIELDS
 
 # Limits on one call's values (docs/bad-input.md). Far above real use, so they only stop a
 # mistake (a spectra matrix passed as a config, a file's text as a name) at the call, before it
@@ -29,6 +32,19 @@ MAX_ROWS = 2**32 - 1
 
 # The columns query_predictions (and export_predictions_parquet) filter on, in argument order.
 PREDICTION_FILTERS = ("dataset_name", "model_class", "partition", "fold_id", "branch_id", "pipeline_id", "run_id")
+
+# A metric name of a ``scores`` dict that ``top_predictions`` may rank by: a plain identifier.
+METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# save_prediction's arguments, in order: the fields of a save_predictions record (with the arrays).
+PREDICTION_FIELDS = (
+    "pipeline_id", "chain_id", "dataset_name", "model_name", "model_class", "fold_id", "partition", "val_score",
+    "test_score", "train_score", "metric", "task_type", "n_samples", "n_features", "scores", "best_params",
+    "branch_id", "branch_name", "exclusion_count", "exclusion_rate", "preprocessings", "prediction_id",
+)
+FIELD_DEFAULTS = tuple((f, "" if f == "preprocessings" else None) for f in PREDICTION_FIELDS)
+RECORD_FIELDS = frozenset(PREDICTION_FIELDS) | frozenset(ARRAY_FIELDS)
+REQUIRED_FIELDS = frozenset({"pipeline_id", "chain_id", "dataset_name"})
 
 
 def store_options(
@@ -57,18 +73,36 @@ def dict_list(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a list of dicts, got {type(value).__name__}")
 
 
-def top_predictions_args(n: Any, metric: Any, ascending: Any, group_by: Any) -> None:
-    """``top_predictions``: ``metric`` a numeric column, ``group_by`` a column, ``n`` a count."""
+def top_predictions_args(n: Any, metric: Any, ascending: Any, group_by: Any) -> set[str]:
+    """``top_predictions``: ``metric`` a numeric column or a metric name of the ``scores`` dicts,
+    ``group_by`` a column, ``n`` a count; returns the numeric columns."""
     columns = S.PREDICTIONS.schema.names
     numeric = {f.name for f in S.PREDICTIONS.schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)}
-    if not isinstance(metric, str) or metric not in numeric:
-        raise ValueError(f"Invalid metric column: {metric!r} (choose one of {', '.join(sorted(numeric))})")
+    if not isinstance(metric, str) or (metric not in numeric and (metric in columns or not METRIC_NAME.fullmatch(metric))):
+        raise ValueError(
+            f"Invalid metric column: {metric!r} (choose one of {', '.join(sorted(numeric))}, "
+            "or a metric of the predictions' scores such as r2)"
+        )
     if group_by is not None and (not isinstance(group_by, str) or group_by not in columns):
         raise ValueError(f"Invalid group_by column: {group_by!r} (choose one of {', '.join(columns)})")
     if not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
-    if not isinstance(ascending, (bool, np.bool_)):
-        raise TypeError(f"ascending must be True or False, got {ascending!r}")
+    if ascending is not None and not isinstance(ascending, (bool, np.bool_)):
+        raise TypeError(f"ascending must be True or False, got {ascending!r} (or None: best first in the metric's own direction)")
+    return numeric
+
+
+def prediction_record(record: Any) -> dict:
+    """One ``save_predictions`` record as ``save_prediction``'s arguments by name (defaults filled),
+    after its field names are checked; the arrays stay in ``record``."""
+    if not isinstance(record, Mapping):
+        raise TypeError(f"a record must be a mapping of field names, got {type(record).__name__}")
+    unknown = record.keys() - RECORD_FIELDS
+    if unknown:
+        raise TypeError(f"unknown field(s) {sorted(map(str, unknown))}")
+    if not REQUIRED_FIELDS <= record.keys():
+        raise TypeError(f"missing field(s) {sorted(REQUIRED_FIELDS - record.keys())}")
+    return {f: record.get(f, default) for f, default in FIELD_DEFAULTS}
 
 
 def export_format(format: Any) -> None:

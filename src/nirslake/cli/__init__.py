@@ -16,7 +16,8 @@ from .output import print_frame, print_warning
 
 DEFAULT_WORKSPACE = os.environ.get("NIRSLAKE_WORKSPACE", "lake")
 VIEWS = ("runs", "pipelines", "chains", "predictions", "prediction_arrays", "artifacts", "logs",
-         "predictions_with_run", "chain_summary", "leaderboard")
+         "predictions_with_run", "chain_summary", "leaderboard", "prediction_scores", "prediction_scores_long",
+         "array_scores", "sample_scores")
 
 
 class CliError(Exception):
@@ -71,8 +72,14 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
 
 def cmd_top(args: argparse.Namespace) -> None:
+    from ..lake.schema import PREDICTIONS
+
     with _open(args.workspace) as store:
-        ascending = not args.descending
+        # A score column keeps its default (lower is better); a metric of the scores dicts
+        # (r2, rpd, bias ...) ranks in its own direction unless a flag says otherwise.
+        ascending = False if args.descending else True if args.ascending else None
+        if ascending is None and args.metric in PREDICTIONS.schema.names:
+            ascending = True
         try:
             frame = store.top_predictions(
                 args.n, metric=args.metric, ascending=ascending, partition=args.partition,
@@ -242,8 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("top", cmd_top, "the best predictions by a score column")
     p.add_argument("-n", type=int, default=10, help="how many rows (per group with --by)")
-    p.add_argument("--metric", default="val_score", help="score column to rank by (default val_score)")
-    p.add_argument("--descending", action="store_true", help="higher is better (r2, accuracy); default lower is better")
+    p.add_argument("--metric", default="val_score",
+                   help="score column (default val_score), or a metric of the predictions' scores: r2, rpd, rmse ...")
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--descending", action="store_true",
+                       help="higher is better; default: lower is better for score columns, the metric's own direction otherwise")
+    order.add_argument("--ascending", action="store_true", help="lower is better")
     p.add_argument("--partition", default="val", help="train, val or test (default val)")
     p.add_argument("--dataset", help="only this dataset")
     p.add_argument("--by", default="dataset_name", help="rank within each value of this column (default dataset_name)")

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-ARRAY_FIELDS = ("y_true", "y_pred", "y_proba", "sample_indices", "weights")
+ARRAY_FIELDS = ("y_true", "y_pred", "y_proba", "sample_indices", "weights", "sample_ids")
 
 
 def numeric(name: str, value: Any, dtype=np.float64) -> np.ndarray:
@@ -49,13 +49,30 @@ def as_vector(name: str, value: Any, dtype=np.float64) -> np.ndarray | None:
     return np.ascontiguousarray(arr)
 
 
-def check_arrays(y_true, y_pred, y_proba=None, sample_indices=None, weights=None) -> dict[str, np.ndarray | None]:
+def as_ids(name: str, value: Any) -> np.ndarray | None:
+    """Sample ids as a 1-D array of text: strings or whole numbers (written as text), no missing ones."""
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind == "O":
+        if not all(isinstance(v, (str, int, np.integer)) and not isinstance(v, bool) for v in arr):
+            bad = next(v for v in arr if not (isinstance(v, (str, int, np.integer)) and not isinstance(v, bool)))
+            raise TypeError(f"{name} must hold strings or whole numbers, got {type(bad).__name__} {bad!r}")
+    elif arr.dtype.kind not in "Uiu":
+        raise TypeError(f"{name} must hold strings or whole numbers, got dtype {arr.dtype}")
+    return arr.astype(str)
+
+
+def check_arrays(y_true, y_pred, y_proba=None, sample_indices=None, weights=None, sample_ids=None) -> dict[str, np.ndarray | None]:
     """Validate and normalise one prediction's arrays; every given array must have one length."""
     arrays: dict[str, np.ndarray | None] = {
         "y_true": as_vector("y_true", y_true),
         "y_pred": as_vector("y_pred", y_pred),
         "sample_indices": as_vector("sample_indices", sample_indices, np.int64),
         "weights": as_vector("weights", weights),
+        "sample_ids": as_ids("sample_ids", sample_ids),
     }
     if y_proba is not None:
         proba = numeric("y_proba", y_proba)
@@ -77,6 +94,8 @@ def list_column(values: Sequence[np.ndarray | None], value_type: pa.DataType) ->
     """A ``list<value_type>`` column from 1-D arrays (None -> null)."""
     if all(v is None for v in values):
         return pa.nulls(len(values), pa.list_(value_type))
+    if pa.types.is_string(value_type):
+        return pa.array([None if v is None else v.tolist() for v in values], pa.list_(value_type))
     lengths = np.fromiter((0 if v is None else len(v) for v in values), dtype=np.int64, count=len(values))
     offsets = np.zeros(len(values) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -118,6 +137,8 @@ def to_numpy(field: str, value: Any, classes: int | None = None) -> np.ndarray |
         return None
     if field == "y_proba":
         return _matrix(value, classes or 0)
+    if field == "sample_ids":
+        return np.asarray(value.as_py() if isinstance(value, pa.ListScalar) else value, dtype=str)
     dtype = np.int64 if field == "sample_indices" else np.float64
     if isinstance(value, pa.ListScalar):
         return _values(value.values).astype(dtype, copy=False)

@@ -13,7 +13,7 @@ TS = pa.timestamp("us", tz="UTC")
 F64_LIST = pa.list_(pa.float64())
 
 # Bumped whenever a schema or a view changes; the catalog is rebuilt when it differs.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prediction_arrays.sample_ids, and the score views (sql/views/50_scores.sql)
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,8 @@ PREDICTION_ARRAYS = TableDef(
             ("_version", pa.int64()),
             # y_proba's width, which its inner lists cannot give when there are no samples.
             ("y_proba_classes", pa.int64()),
+            # The sample each row measured, when samples are measured several times (docs/scores.md).
+            ("sample_ids", pa.list_(pa.string())),
         ]
     ),
     version_column="_version",

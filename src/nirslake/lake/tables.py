@@ -102,9 +102,10 @@ def schema_file(tdef: TableDef) -> str:
     return f"{folder}/{DATA_PREFIX}00000000000000-schema-v{FORMAT_VERSION}.parquet"
 
 
-def root_schema_file(tdef: TableDef) -> str:
-    """Where workspaces made before the partitioned tables' schema files moved hold them (removed on open)."""
-    return f"{tdef.dir}/{DATA_PREFIX}00000000000000-schema-v{FORMAT_VERSION}.parquet"
+def root_schema_file(tdef: TableDef, version: int = FORMAT_VERSION) -> str:
+    """Where workspaces made before the partitioned tables' schema files moved hold them (removed
+    on open): of format ``version``, as a workspace made by an older format holds its own."""
+    return f"{tdef.dir}/{DATA_PREFIX}00000000000000-schema-v{version}.parquet"
 
 
 def is_schema_file(rel: str) -> bool:
@@ -394,22 +395,38 @@ class FileCache:
         where polars' thread pool (started by the parent) can deadlock."""
         pieces = []
         for rel in rels:
-            with self._lock:
-                index = self._positions.get(rel)
-            if index is None:
-                column = self.read(storage, rel, tdef.schema).column(tdef.key)
-                order = pc.sort_indices(column)  # nulls last
-                valid = len(column) - column.null_count
-                index = (column.take(order).to_pylist()[:valid], order.to_pylist()[:valid])
-                with self._lock:
-                    self._positions[rel] = index
-            keys, order = index
+            keys, order = self._key_index(storage, rel, tdef)
             low = high = bisect.bisect_left(keys, key)
             while high < len(keys) and keys[high] == key:
                 high += 1
             if high > low:
                 pieces.append(take_rows(self.read(storage, rel, tdef.schema), sorted(order[low:high])))
         return pa.concat_tables(pieces) if pieces else empty_table(tdef.schema)
+
+    def held_keys(self, storage: Storage, rels: list[str], tdef: TableDef, wanted: set[str]) -> set[str]:
+        """Which of ``wanted`` some file of ``rels`` holds (a batch's caller-given ids: a binary
+        search per id and file, through the same sorted keys as ``key_rows``)."""
+        held: set[str] = set()
+        for rel in rels:
+            keys, _ = self._key_index(storage, rel, tdef)
+            for key in wanted - held:
+                i = bisect.bisect_left(keys, key)
+                if i < len(keys) and keys[i] == key:
+                    held.add(key)
+        return held
+
+    def _key_index(self, storage: Storage, rel: str, tdef: TableDef) -> tuple[list, list[int]]:
+        """A file's keys sorted once, with their row numbers (nulls left out)."""
+        with self._lock:
+            index = self._positions.get(rel)
+        if index is None:
+            column = self.read(storage, rel, tdef.schema).column(tdef.key)
+            order = pc.sort_indices(column)  # nulls last
+            valid = len(column) - column.null_count
+            index = (column.take(order).to_pylist()[:valid], order.to_pylist()[:valid])
+            with self._lock:
+                self._positions[rel] = index
+        return index
 
     def key_ranges(self, storage: Storage, rel: str, key: str) -> list[tuple]:
         """Per row group, the (min, max) of the key column; (None-safe) full range without statistics."""

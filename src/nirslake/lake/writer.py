@@ -214,6 +214,7 @@ class LakeWriter:
             "weights": list_column([r["weights"] for r in rows], pa.float64()),
             "_version": pa.array([r["_version"] for r in rows], pa.int64()),
             "y_proba_classes": pa.array([None if r["y_proba"] is None else r["y_proba"].shape[1] for r in rows], pa.int64()),
+            "sample_ids": list_column([r.get("sample_ids") for r in rows], pa.string()),
         }
         return pa.Table.from_pydict(columns, schema=S.PREDICTION_ARRAYS.schema)
 

@@ -5,6 +5,7 @@ Every helper returns a ``polars.LazyFrame`` or ``DataFrame``; they read the same
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -22,11 +23,11 @@ from ..lake.rules import (  # noqa: F401  (the read rules are part of this modul
 )
 from ..lake.storage import Storage
 from ..lake.tables import FileCache, commit_state, polars_schema, read_files, visible_files
+from . import scores as sc
 
-# Metrics where a smaller value is better; everything else (r2, accuracy, f1, ...) ranks descending.
-LOWER_IS_BETTER = frozenset({"rmse", "mse", "mae", "mape", "rmsecv", "sep", "bias", "log_loss", "logloss", "loss"})
-
-
+# Metrics where a smaller value is better (a bias too, by its absolute value); everything else
+# (r2, rpd, accuracy, f1, ...) ranks descending. The directions live in nirslake.query.scores.
+LOWER_IS_BETTER = sc.LOWER_IS_BETTER | sc.CLOSEST_TO_ZERO
 
 
 def lower_is_better(metric: str) -> bool:
@@ -100,10 +101,14 @@ def top_k(
     """The best ``n`` rows (of each ``by`` group) by ``score``; nulls rank last.
 
     The direction follows ``ascending`` when given, else the metric: lower is better for
-    rmse/mae/mse, higher for r2/accuracy/f1. ``metric`` names it when ``score`` is a column
+    rmse/mae/mse/sep, higher for r2/rpd/rpiq/accuracy/f1, and a bias ranks by its absolute value
+    (``nirslake.query.scores.direction``). ``metric`` names it when ``score`` is a column
     like ``val_score``; without it the column name itself is taken as the metric.
     """
-    if ascending is None:
+    order: pl.Expr | str = score
+    if ascending is None and sc.direction(metric or score) == "zero":  # a bias: the closest to zero first
+        order, ascending = pl.col(score).abs(), True
+    elif ascending is None:
         ascending = lower_is_better(metric or score)
     rows = predictions.collect() if isinstance(predictions, pl.LazyFrame) else predictions
     keys = ([by] if isinstance(by, str) else list(by)) if by else []
@@ -112,7 +117,7 @@ def top_k(
     frame = (
         rows.lazy()
         .select(pl.int_range(0, pl.len(), dtype=pl.UInt32).alias("_row"), *dict.fromkeys([*keys, score]))
-        .sort(score, descending=not ascending, nulls_last=True, maintain_order=True)
+        .sort(order, descending=not ascending, nulls_last=True, maintain_order=True)
     )
     position = pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
     if keys:
@@ -141,5 +146,137 @@ def fold_summary(predictions: pl.LazyFrame | pl.DataFrame, score: str = "val_sco
 
 def with_arrays(predictions: pl.LazyFrame | pl.DataFrame, arrays: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
     """Predictions joined to their arrays (y_true, y_pred, y_proba, sample_indices, weights)."""
-    arr = arrays.lazy().select("prediction_id", "y_true", "y_pred", "y_proba", "sample_indices", "weights")
+    arr = arrays.lazy().select("prediction_id", "y_true", "y_pred", "y_proba", "sample_indices", "weights", "sample_ids")
     return predictions.lazy().join(arr, on="prediction_id", how="left")
+
+
+# --------------------------------------------------------------------------- scores as columns
+
+
+def with_scores(predictions: pl.LazyFrame | pl.DataFrame, metrics: Sequence[str] | None = None) -> pl.LazyFrame:
+    """The predictions with one Float64 column per metric: ``scores[<the row's partition>][metric]``.
+
+    ``metrics`` defaults to every metric any row's ``scores`` holds for its partition. Then
+    ``top_k(with_scores(preds), 5, score="r2")`` ranks by R² (higher first). A missing value is null.
+    """
+    frame = predictions.lazy()
+    pairs = frame.select("partition", "scores").unique().collect()
+    partitions = [p for p in pairs["partition"].unique().to_list() if p is not None]
+    if metrics is None:
+        found: set[str] = set()
+        for text, partition in zip(pairs["scores"].to_list(), pairs["partition"].to_list()):
+            found |= sc.metrics_in([_loads(text)], partition) if partition is not None else set()
+        metrics = sorted(found)
+    columns = []
+    for metric in metrics:
+        expr = pl.lit(None, dtype=pl.Float64)
+        for partition in partitions:
+            expr = pl.when(pl.col("partition") == partition).then(_score_expr(partition, metric)).otherwise(expr)
+        columns.append(expr.alias(metric))
+    return frame.with_columns(columns) if columns else frame
+
+
+def _score_expr(partition: str, metric: str) -> pl.Expr:
+    if any(c in partition + metric for c in "'\\[]"):  # not safe inside a JSONPath: decode in Python
+        return pl.col("scores").map_elements(
+            lambda text: sc.score_of(_loads(text), partition, metric), return_dtype=pl.Float64, skip_nulls=True
+        )
+    return pl.col("scores").str.json_path_match(f"$['{partition}']['{metric}']").cast(pl.Float64, strict=False)
+
+
+def _loads(text: str | None) -> dict | None:
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def scores_from_arrays(
+    predictions: pl.LazyFrame | pl.DataFrame, by_sample: str | None = None, method: str = "mean"
+) -> pl.DataFrame:
+    """The chemometrics set computed from each prediction's arrays, one column per metric.
+
+    ``predictions`` holds ``y_true`` and ``y_pred`` list columns (``with_arrays``, or a facade's
+    ``to_polars()``); a ``task_type`` containing "classif" gives accuracy, balanced_accuracy and
+    f1, any other rmse, mse, mae, r2, bias, sep, rpd and rpiq (definitions: docs/scores.md).
+    ``by_sample`` (a list column of sample ids, usually ``"sample_ids"``) first folds repeated
+    measurements per sample with ``method`` (``mean``, ``median``; ``vote`` for labels).
+    Returns the predictions' own columns without the arrays, plus the metrics (and ``n_scored``:
+    the rows, or samples, scored). Rank with ``top_k(..., score="r2")``.
+    """
+    if method not in sc.AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {method!r}: use one of {', '.join(sc.AGGREGATIONS)}")
+    frame = predictions.lazy()
+    names = frame.collect_schema().names()
+    arrays = [c for c in ("y_true", "y_pred", "y_proba", "sample_indices", "weights", "sample_ids") if c in names]
+    if "task_type" not in names:
+        frame = frame.with_columns(pl.lit("regression").alias("task_type"))
+    lists = ["y_true", "y_pred"] + ([by_sample] if by_sample else [])
+    points = (
+        frame.select("prediction_id", "task_type", *lists)
+        .filter(pl.all_horizontal(pl.col(c).is_not_null() for c in lists))
+        .explode(lists)
+        .rename({"y_true": "t", "y_pred": "p"})
+        .with_columns(pl.col("task_type").fill_null("regression").str.to_lowercase().str.contains("classif").alias("_clf"))
+    )
+    if by_sample:
+        aggregate = {"mean": pl.col("p").mean(), "median": pl.col("p").median(), "vote": pl.col("p").mode().min()}[method]
+        truth = pl.col("t").mode().min() if method == "vote" else pl.col("t").mean()
+        points = points.group_by("prediction_id", "_clf", by_sample).agg(truth.alias("t"), aggregate.alias("p"))
+    points = points.collect()
+    regression = _regression_metrics(points.filter(~pl.col("_clf")))
+    classification = _classification_metrics(points.filter(pl.col("_clf")))
+    metrics = pl.concat([regression, classification], how="diagonal_relaxed")
+    base = frame.drop(arrays).collect()
+    joined = base.join(metrics, on="prediction_id", how="left")
+    for metric in sc.METRICS:
+        if metric not in joined.columns:
+            joined = joined.with_columns(pl.lit(None, dtype=pl.Float64).alias(metric))
+    return joined
+
+
+def _regression_metrics(points: pl.DataFrame) -> pl.DataFrame:
+    e = pl.col("p") - pl.col("t")
+    sep = (e - e.mean()).pow(2).sum().truediv(pl.len() - 1).sqrt()
+    ss_tot = (pl.col("t") - pl.col("t").mean()).pow(2).sum()
+    iqr = pl.col("t").quantile(0.75, "linear") - pl.col("t").quantile(0.25, "linear")
+    return (
+        points.group_by("prediction_id")
+        .agg(
+            e.pow(2).mean().sqrt().alias("rmse"),
+            e.pow(2).mean().alias("mse"),
+            e.abs().mean().alias("mae"),
+            pl.when(ss_tot > 0).then(1 - e.pow(2).sum() / ss_tot).otherwise(float("nan")).alias("r2"),
+            e.mean().alias("bias"),
+            pl.when(pl.len() > 1).then(sep).otherwise(float("nan")).alias("sep"),
+            pl.when(pl.len() > 1).then(pl.col("t").std(ddof=1) / sep).otherwise(float("nan")).alias("rpd"),
+            pl.when(pl.len() > 1).then(iqr / sep).otherwise(float("nan")).alias("rpiq"),
+            pl.len().alias("n_scored"),
+        )
+    )
+
+
+def _classification_metrics(points: pl.DataFrame) -> pl.DataFrame:
+    hit = (pl.col("p") == pl.col("t")).cast(pl.Float64)
+    per_class = (
+        points.group_by("prediction_id", "t")
+        .agg(pl.len().alias("support"), hit.sum().alias("tp"))
+        .join(
+            points.group_by("prediction_id", "p").agg(pl.len().alias("predicted")).rename({"p": "t"}),
+            on=["prediction_id", "t"],
+            how="left",
+        )
+        .with_columns(pl.col("predicted").fill_null(0))
+        .with_columns(
+            (pl.col("tp") / pl.col("support")).alias("recall"),
+            (2 * pl.col("tp") / (pl.col("predicted") + pl.col("support"))).alias("f1"),  # 2TP / (2TP + FP + FN)
+        )
+        .group_by("prediction_id")
+        .agg(
+            pl.col("recall").mean().alias("balanced_accuracy"),
+            ((pl.col("f1") * pl.col("support")).sum() / pl.col("support").sum()).alias("f1"),
+        )
+    )
+    overall = points.group_by("prediction_id").agg(hit.mean().alias("accuracy"), pl.len().alias("n_scored"))
+    return overall.join(per_class, on="prediction_id", how="left")

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from ..lake.schema import FORMAT_VERSION
 from ..lake.storage import Storage
 from . import LOWER_IS_BETTER
+from .scores import CLOSEST_TO_ZERO
 
 if TYPE_CHECKING:
     import duckdb
@@ -56,12 +57,14 @@ def view_statements(storage: Storage) -> str:
     glob = "".join(f"[{c}]" if c in "[*?" else "?" if c == "\\" else c for c in location)
     literals = {"lake": _sql_text(location), "lake_glob": _sql_text(glob)}
     metrics = ", ".join(f"'{m}'" for m in sorted(LOWER_IS_BETTER))
+    zero = ", ".join(f"'{m}'" for m in sorted(CLOSEST_TO_ZERO))
     parts = []
     for path in sorted((sql_dir() / "views").glob("*.sql")):
         text = path.read_text(encoding="utf-8")
         if re.search(r"(?<!')\{lake", text):
             raise ValueError(f"{path}: the workspace location may only start a string literal ('{{lake}}...')")
-        text = text.replace("{lower_is_better}", metrics)  # before the location, which may hold anything
+        # Before the location, which may hold anything.
+        text = text.replace("{lower_is_better}", metrics).replace("{closest_to_zero}", zero)
         parts.append(_PLACEHOLDER.sub(lambda m: "'" + literals[m.group(1)], text))
     return "\n".join(parts)
 
