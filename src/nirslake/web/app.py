@@ -7,17 +7,13 @@ with its Python twin.
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import json
-import math
 import socket
 from contextlib import asynccontextmanager
 from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import polars as pl
 
 try:
@@ -31,16 +27,11 @@ except ImportError as exc:  # an optional extra: say how to get it
     raise ImportError("nirslake's web app needs FastAPI and uvicorn: pip install 'nirslake[web]'") from exc
 
 from .. import __version__
+from ..api.jsonable import JSON_COLUMNS, dumps, jsonable, rows  # noqa: F401  (JSON_COLUMNS: a public name here before)
 from ..query import cookbook
 from .. import query as q
 
 MAX_PAGE = 10_000
-# Text columns that hold JSON (docs/lake-spec.md): sent decoded, so a client parses once.
-JSON_COLUMNS = frozenset({
-    "config", "datasets", "summary", "expanded_config", "generator_choices", "steps", "fold_artifacts",
-    "shared_artifacts", "branch_path", "scores", "best_params", "details",
-})
-
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="rows per page")]
 Offset = Annotated[int, Query(ge=0, description="rows to skip")]
 Sort = Annotated[str | None, Query(description="a column to sort by; a leading '-' sorts descending")]
@@ -49,43 +40,11 @@ Sort = Annotated[str | None, Query(description="a column to sort by; a leading '
 # --------------------------------------------------------------------------- JSON
 
 
-def jsonable(value: Any) -> Any:
-    """``value`` as strict JSON data: NaN and infinities become null, times ISO 8601 text."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return jsonable(value.item())
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, dt.timedelta):
-        return value.total_seconds()
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
-
-
 class LakeJSON(JSONResponse):
     """JSON that is valid everywhere: ``allow_nan=False`` after NaN/inf were made null."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(jsonable(content), allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def rows(frame: pl.DataFrame) -> list[dict]:
-    out = frame.to_dicts()
-    for name in JSON_COLUMNS.intersection(frame.columns):
-        for row in out:
-            if isinstance(row[name], str):
-                row[name] = json.loads(row[name])
-    return out
+        return dumps(content).encode()
 
 
 def page(frame: pl.DataFrame, sort: str | None, limit: int, offset: int, **extra: Any) -> LakeJSON:
