@@ -27,6 +27,7 @@ from .api.known import Known
 from .api.records import checked_arrays_row, record_arrays
 from .api.reads import LakeReads, filter_exprs, leasable, log_summary, public
 from .lake import artifacts as art
+from .lake import liveness
 from .lake import schema as S
 from .lake.storage import Storage
 from .lake.tables import CLOCK, empty_table, new_id, root_schema_file, schema_file, to_parquet_bytes
@@ -213,6 +214,9 @@ class WorkspaceStore:
             V.text("name", name, allow_none=False)
             V.dict_list("datasets", datasets)
             row = records.run_row(name, config, datasets)
+            # Names this process as the run's writer, so `check` can tell a run whose writer
+            # died from one still being written (lake spec §12).
+            liveness.record_writer(self._storage, row["run_id"])
             self._known.runs[row["run_id"]] = row
             self._buffer("runs", row)
             return row["run_id"]
@@ -235,6 +239,20 @@ class WorkspaceStore:
     def fail_run(self, run_id: str, error: str) -> None:
         """Mark the run ``failed`` and keep ``error``: a durability point."""
         self._finish("runs", run_id, status="failed", error=V.free_text("error", error))
+
+    def left_running(self) -> list[dict]:
+        """Runs whose status is ``running`` while the process that began them is proven gone
+        (killed before it could record ``completed`` or ``failed``); ``check`` reports them."""
+        from .api.lifecycle import left_running
+
+        return left_running(self)
+
+    def mark_failed(self, run_ids: list[str] | None = None, force: bool = False) -> list[str]:
+        """Record ``failed`` for runs left running (all of them, or ``run_ids``); returns the ids
+        marked. A run whose writer may still run is refused unless ``force`` (api.lifecycle)."""
+        from .api.lifecycle import mark_failed
+
+        return mark_failed(self, run_ids, force)
 
     @leasable
     def get_run(self, run_id: str) -> dict | None:
@@ -867,7 +885,7 @@ class WorkspaceStore:
             self._publish_for_read()
             if repair:  # before the purge: what the fresh checkpoint lists is what it must keep
                 self._checkpoint_quietly()
-            return check_workspace(
+            report = check_workspace(
                 self._storage,
                 self._reads.cache,
                 lambda tdef, snap: self._reads.frame(tdef, snap=snap).collect(),
@@ -875,6 +893,15 @@ class WorkspaceStore:
                 repair=repair,
                 progress=progress,
             )
+        from .api.lifecycle import describe, left_running
+
+        try:
+            gone = left_running(self)
+        except Exception as exc:  # noqa: BLE001 - a damaged runs table is reported above already
+            gone = []
+            report.problems.append(f"runs left running not checked: {type(exc).__name__}: {exc}")
+        report.problems += [describe(run) + ": `nirslake mark-failed` records it failed" for run in gone]
+        return report
 
     # ------------------------------------------------------------------ SQL and catalog
     def sql(self, query: str, params: list | None = None) -> pl.DataFrame:
