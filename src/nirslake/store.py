@@ -375,6 +375,24 @@ class WorkspaceStore:
             frame = self._reads.frame(S.CHAINS).filter(pl.col("pipeline_id") == pipeline_id)
             return public(frame.sort(["created_at", "chain_id"]).collect())
 
+    @leasable
+    def list_chains(
+        self, run_id: str | None = None, pipeline_id: str | None = None, dataset_name: str | None = None
+    ) -> pl.DataFrame:
+        """Chains in creation order, with their pipeline's ``dataset_name``; optionally of one run,
+        one pipeline and/or one dataset (beyond the seed API: ``nirslake chains``)."""
+        for name, value in (("run_id", run_id), ("pipeline_id", pipeline_id), ("dataset_name", dataset_name)):
+            V.text(name, value)
+        with self._lock:
+            self._check_open()
+            snap = self._reads.snapshot(tables=("chains", "pipelines"))
+            chains = self._reads.frame(S.CHAINS, snap=snap)
+            datasets = self._reads.frame(S.PIPELINES, snap=snap).select("pipeline_id", "dataset_name")
+        frame = chains.join(datasets, on="pipeline_id", how="left")
+        exprs = [pl.col(c) == v for c, v in (("run_id", run_id), ("pipeline_id", pipeline_id), ("dataset_name", dataset_name)) if v is not None]
+        frame = frame.filter(*exprs) if exprs else frame
+        return public(frame.sort(["created_at", "chain_id"]).collect())
+
     # ------------------------------------------------------------------ predictions
     def save_prediction(
         self,
@@ -798,18 +816,28 @@ class WorkspaceStore:
                 self.gc_artifacts()
             return count
 
-    def vacuum(self) -> None:
-        """Reclaim space: merge each partition's small files without deleted or superseded rows.
+    def vacuum(self, grace_seconds: float | None = None) -> None:
+        """Reclaim space: merge each partition's small files without deleted or superseded rows
+        (a partition of one small file too, when it holds such rows).
 
         Readers never see the swap (lake spec §4). The replaced files' bytes are deleted by a
         later vacuum, once hidden for longer than ``grace_seconds`` and listed by no checkpoint
         in use (the compaction checkpoints first, lake spec §11).
-        """
-        from .lake.maintenance import purge
 
+        ``grace_seconds`` (default: the store's) set to 0 deletes them in this call: space after
+        ``delete_run`` comes back at once instead of an hour later. Only safe when no other
+        process reads the workspace: a read that listed the replaced files a moment before would
+        find them gone (``nirslake vacuum --grace 0`` refuses while a run is being written).
+        """
+        from .lake.maintenance import compact_all, purge
+
+        grace_us = self._grace_us if grace_seconds is None else int(V.grace_seconds(grace_seconds) * 1e6)
         with self._lock:
-            self.compact()
-            purge(self._storage, self._reads.cache, CLOCK.now_us() - self._grace_us)
+            self._check_open()
+            self._publish_for_read()
+            compact_all(self._storage, self._reads.cache, 128 * 1048576, dead_rows=True)
+            self._checkpoint_quietly()
+            purge(self._storage, self._reads.cache, CLOCK.now_us() - grace_us)
 
     # ------------------------------------------------------------------ maintenance (beyond the seed API)
     def compact(

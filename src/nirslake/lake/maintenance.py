@@ -149,8 +149,9 @@ def compact_all(
     target_bytes: int = TARGET_FILE_BYTES,
     tables: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    dead_rows: bool = False,
 ) -> CompactionResult:
-    """Compact every table that may be compacted (or only ``tables``)."""
+    """Compact every table that may be compacted (or only ``tables``); ``dead_rows``: see ``compact_table``."""
     names = [n for n in S.TABLES if n not in NEVER_COMPACTED] if tables is None else list(tables)
     for name in names:
         if name not in S.TABLES:
@@ -160,7 +161,7 @@ def compact_all(
     deletions = _deletions(storage, cache)  # compaction adds no deletion: read them once
     total = CompactionResult()
     for name in names:
-        one = compact_table(storage, cache, S.TABLES[name], target_bytes=target_bytes, deletions=deletions)
+        one = compact_table(storage, cache, S.TABLES[name], target_bytes=target_bytes, deletions=deletions, dead_rows=dead_rows)
         total.add(one, name)
         if progress is not None and one.files_replaced:
             progress(
@@ -194,10 +195,12 @@ def compact_table(
     min_files: int = 2,
     deletions: pl.LazyFrame | None = None,
     target_bytes: int = TARGET_FILE_BYTES,
+    dead_rows: bool = False,
 ) -> CompactionResult:
     """Merge the small files (under half of ``target_bytes``) of each partition of ``tdef``.
 
-    A partition is compacted when it has ``min_files`` or more small files. The merged rows,
+    A partition is compacted when it has ``min_files`` or more small files; with ``dead_rows``
+    (vacuum) also when fewer small files hold deleted or superseded rows. The merged rows,
     without superseded versions and deleted rows, are written as ``compact-`` files of about
     ``target_bytes`` each, then one commit swaps them in (lake spec §4).
     """
@@ -218,11 +221,14 @@ def compact_table(
             folders[posixpath.dirname(rel)].append((rel, size))
     result = CompactionResult()
     for folder, entries in sorted(folders.items()):
-        if len(entries) < min_files:
+        if len(entries) < min_files and not dead_rows:
             continue
         rels = [rel for rel, _ in entries]
         size_in = sum(size for _, size in entries)
-        merged = resolve(pl.from_arrow(read_files(storage, tdef, cache, rels, sizes)).lazy(), tdef, deletions).collect()
+        raw = pl.from_arrow(read_files(storage, tdef, cache, rels, sizes))
+        merged = resolve(raw.lazy(), tdef, deletions).collect()
+        if len(entries) < min_files and merged.height == raw.height:
+            continue  # every row still counts: nothing to reclaim here
         added, size_out = [], 0
         for data in _encode_in_pieces(conform(merged.to_arrow(), tdef.schema), tdef.row_group_rows, target_bytes):
             name = new_file_name(COMPACT_PREFIX)
