@@ -31,7 +31,9 @@ def _cell(value: Any) -> str:
         return "NaN" if math.isnan(value) else f"{value:.6g}"
     if isinstance(value, dt.datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
-    if isinstance(value, (list, dict)):
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        value = "[" + ", ".join(_cell(v) for v in value) + "]"
+    elif isinstance(value, (list, dict)):
         value = json.dumps(value, default=str)
     text = " ".join(str(value).split())  # one line per row, whatever the cell holds
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
