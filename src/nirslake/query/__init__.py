@@ -77,7 +77,8 @@ POLARS_NATIVE = frozenset({"file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfs
 def _scan_files(storage: Storage, tdef: S.TableDef, rels: Sequence[str]) -> pl.LazyFrame:
     if not rels:
         return pl.LazyFrame(schema=polars_schema(tdef))
-    if storage.protocol not in POLARS_NATIVE:
+    options = polars_options(storage)
+    if storage.protocol not in POLARS_NATIVE or options is False:
         return pl.from_arrow(read_files(storage, tdef, FileCache(), list(rels))).lazy()
     return pl.scan_parquet(
         [storage.url(r) for r in rels],
@@ -86,8 +87,40 @@ def _scan_files(storage: Storage, tdef: S.TableDef, rels: Sequence[str]) -> pl.L
         extra_columns="ignore",
         hive_partitioning=False,
         glob=False,  # explicit file names: brackets in a workspace path are not patterns
-        storage_options=storage.storage_options or None,
+        storage_options=options or None,
     )
+
+
+# fsspec's (s3fs's) option names -> polars' (object_store's), for the options docs/remote.md gives.
+_S3_OPTIONS = {"key": "aws_access_key_id", "secret": "aws_secret_access_key", "token": "aws_session_token",
+               "endpoint_url": "aws_endpoint_url", "region_name": "aws_region", "region": "aws_region"}
+
+
+def polars_options(storage: Storage) -> dict | None | bool:
+    """The workspace's fsspec ``storage_options`` as polars takes them (flat text), or False when
+    polars cannot take them (another option, a nested value it has no name for): the files are
+    then read through fsspec, which takes every option the store does."""
+    given = storage.storage_options
+    if not given:
+        return None
+    if storage.protocol not in ("s3", "s3a"):
+        return dict(given) if all(isinstance(v, str) for v in given.values()) else False
+    flat: dict[str, str] = {}
+    for name, value in given.items():
+        if name == "client_kwargs" and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                if inner not in _S3_OPTIONS or not isinstance(inner_value, str):
+                    return False
+                flat[_S3_OPTIONS[inner]] = inner_value
+        elif name in _S3_OPTIONS and isinstance(value, str):
+            flat[_S3_OPTIONS[name]] = value
+        elif name.startswith("aws_") and isinstance(value, str):
+            flat[name] = value  # already polars' own name
+        else:
+            return False
+    if flat.get("aws_endpoint_url", "").startswith("http://"):
+        flat["aws_allow_http"] = "true"
+    return flat
 
 
 def top_k(
