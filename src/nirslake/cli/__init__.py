@@ -470,7 +470,9 @@ def cmd_compact(args: argparse.Namespace) -> None:
 def cmd_checkpoint(args: argparse.Namespace) -> None:
     with _open(args.workspace) as store:
         result = store.checkpoint()
-    if _json(args, {"summary": result.summary()}):
+    import dataclasses
+
+    if _json(args, {**dataclasses.asdict(result), "summary": result.summary()}):
         return
     print(result.summary())
 

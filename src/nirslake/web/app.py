@@ -297,6 +297,7 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 8765, allow_delet
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(128)  # connections made once the URL is announced wait for the server, not refused
     except OSError as exc:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
