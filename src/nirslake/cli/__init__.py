@@ -211,6 +211,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
     from ..query.scores import direction
     from ..api.rankings import WORDS
 
+    if args.n < 1:
+        raise CliError(f"-n must be 1 or more, got {args.n}")
     with _open(args.workspace) as store:
         frame = store.leaderboard(args.n)
         if args.dataset:
@@ -630,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arrays", action="store_true", help="a prediction's arrays in full, not summarised")
 
     def ranking(p: argparse.ArgumentParser, n: int) -> None:
-        p.add_argument("-n", type=_count, default=n, help=f"how many chains per dataset (default {n})")
+        p.add_argument("-n", type=int, default=n, help=f"how many chains per dataset (default {n})")
         p.add_argument("--dataset", help="only this dataset")
 
     p = add("top", cmd_top, "the best chains by their mean score over folds, per dataset (--per-fold: single predictions)")
