@@ -16,8 +16,9 @@ from . import validation as V
 if TYPE_CHECKING:
     from ..store import WorkspaceStore
 
-CHAIN_KEYS = ("chain_id", "dataset_name")
-CHAIN_COLUMNS = ("model_name", "preprocessings", "pipeline_id", "run_id")
+# A chain's rows as the chain_summary view groups them (a chain holds one model per dataset).
+CHAIN_KEYS = ("chain_id", "dataset_name", "model_name")
+CHAIN_COLUMNS = ("preprocessings", "pipeline_id", "run_id")
 WORDS = {"min": "lower is better", "max": "higher is better", "zero": "closest to zero is best"}
 
 
@@ -86,7 +87,7 @@ def top_chains(
         )
     )
     ranked = top_k(chains, min(int(n), V.MAX_ROWS), score=score, by=group_by, ascending=ascending, metric=named)
-    columns = ["rank", *CHAIN_KEYS, "model_name", "preprocessings", "metric", score, f"{metric}_std",
+    columns = ["rank", *CHAIN_KEYS, "preprocessings", "metric", score, f"{metric}_std",
                f"{metric}_min", f"{metric}_max", "n_folds", "pipeline_id", "run_id"]
     ranked = ranked.select(list(dict.fromkeys(columns)))
     direction = sc.direction(named) if ascending is None else ("asc" if ascending else "desc")

@@ -692,11 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", "-y", action="store_true", help="do not ask (never asked when stdin is not a terminal)")
 
     p = add("gc", cmd_gc, "remove artifacts that no live chain holds (store.gc_artifacts)")
-    p.add_argument("--grace", type=_seconds, default=3600, metavar="SECONDS",
+    p.add_argument("--grace", type=float, default=3600, metavar="SECONDS",
                    help="keep artifacts recorded this recently: another writer may be about to use them (default 3600)")
 
     p = add("vacuum", cmd_vacuum, "reclaim the space of deleted and superseded rows and artifacts (gc_artifacts, then vacuum)")
-    p.add_argument("--grace", type=_seconds, default=3600, metavar="SECONDS",
+    p.add_argument("--grace", type=float, default=3600, metavar="SECONDS",
                    help="keep what was hidden this recently, for readers that listed it (default 3600; "
                         "0 reclaims at once, refused while a run is being written)")
     p.add_argument("--force", action="store_true", help="a short grace even while runs are being written")
@@ -710,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check", cmd_check, "verify data files, artifact hashes, parent links and runs left running; list (and --repair) leftovers")
     p.add_argument("--repair", action="store_true", help="delete leftovers older than the grace period; problems are only reported")
     p.add_argument(
-        "--grace-seconds", type=_seconds, default=3600,
+        "--grace-seconds", type=float, default=3600,
         help="leftovers younger than this may belong to a running writer and are kept (default 3600)",
     )
 
@@ -750,16 +750,6 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text}")
     return value
 
 
