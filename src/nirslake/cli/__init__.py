@@ -354,6 +354,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .. import predict
 
     X = _read_matrix(args.input)
+    if not os.path.isfile(args.model) and (args.model.endswith(".n4a") or os.sep in args.model):
+        raise CliError(f"no bundle at {args.model!r}")
     if os.path.isfile(args.model) or "://" in args.model:
         y = predict(args.model, X)
         source = args.model
