@@ -5,14 +5,12 @@ this worktree's code) on one small demo workspace per module, its output checked
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 

@@ -432,9 +432,10 @@ def cmd_gc(args: argparse.Namespace) -> None:
 
 def cmd_vacuum(args: argparse.Namespace) -> None:
     from ..api.lifecycle import running_runs
+    from ..store import DEFAULT_GRACE_SECONDS
 
     with _open(args.workspace, grace_seconds=args.grace) as store:
-        if args.grace < 3600 and not args.force:
+        if args.grace < DEFAULT_GRACE_SECONDS and not args.force:
             busy = [r for r in running_runs(store) if r["alive"] is not False]
             if busy:
                 raise CliError(

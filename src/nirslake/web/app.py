@@ -27,7 +27,7 @@ except ImportError as exc:  # an optional extra: say how to get it
     raise ImportError("nirslake's web app needs FastAPI and uvicorn: pip install 'nirslake[web]'") from exc
 
 from .. import __version__
-from ..api.jsonable import JSON_COLUMNS, dumps, jsonable, rows  # noqa: F401  (JSON_COLUMNS: a public name here before)
+from ..api.jsonable import dumps, jsonable, rows
 from ..query import cookbook
 from .. import query as q
 
