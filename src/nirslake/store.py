@@ -816,7 +816,7 @@ class WorkspaceStore:
                 self.gc_artifacts()
             return count
 
-    def vacuum(self, grace_seconds: float | None = None) -> None:
+    def vacuum(self) -> None:
         """Reclaim space: merge each partition's small files without deleted or superseded rows
         (a partition of one small file too, when it holds such rows).
 
@@ -824,14 +824,15 @@ class WorkspaceStore:
         later vacuum, once hidden for longer than ``grace_seconds`` and listed by no checkpoint
         in use (the compaction checkpoints first, lake spec §11).
 
-        ``grace_seconds`` (default: the store's) set to 0 deletes them in this call: space after
-        ``delete_run`` comes back at once instead of an hour later. Only safe when no other
-        process reads the workspace: a read that listed the replaced files a moment before would
-        find them gone (``nirslake vacuum --grace 0`` refuses while a run is being written).
+        A store opened with ``grace_seconds=0`` deletes them in this call: space after
+        ``delete_run`` comes back at once instead of an hour later (with ``gc_artifacts()`` for
+        the artifacts). Only safe when no other process reads the workspace: a read that listed
+        the replaced files a moment before would find them gone (``nirslake vacuum --grace 0``
+        refuses while a run is being written).
         """
         from .lake.maintenance import compact_all, purge
 
-        grace_us = self._grace_us if grace_seconds is None else int(V.grace_seconds(grace_seconds) * 1e6)
+        grace_us = self._grace_us
         with self._lock:
             self._check_open()
             self._publish_for_read()

@@ -67,6 +67,8 @@ class Writer:
             elif step[0] == "durable":  # a durability point: acknowledged, still unpublished
                 store.complete_pipeline(ids.pipeline_id, 0.1, 0.2, "rmse", 5)
                 print("durable", flush=True)
+        if ids is not None:  # a writer that ends well records its run's end (else check reports it left running)
+            store.complete_run(ids.run_id, {{}})
         store.close()
         """
     )

@@ -281,10 +281,3 @@ def artifact_maps(fold_artifacts: Any, shared_artifacts: Any) -> tuple[dict, dic
         raise TypeError(f'shared_artifacts must map step indices to lists of artifact ids, like {{"0": [id]}}; got {shared_artifacts!r}')
     folds = {k: text(f"fold_artifacts[{k!r}]", v) for k, v in (fold_artifacts or {}).items()}
     return folds, {k: [text(f"shared_artifacts[{k!r}]", i) for i in v] for k, v in shared.items()}
-
-
-def grace_seconds(value: Any) -> float:
-    """A grace period given to one call (``vacuum(grace_seconds=...)``): a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise ValueError(f"grace_seconds must be a finite number >= 0, got {value!r}")
-    return float(value)
