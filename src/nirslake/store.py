@@ -928,7 +928,7 @@ class WorkspaceStore:
             gone = left_running(self)
         except Exception:  # noqa: BLE001 - a damaged file is reported above already, by name
             gone = []
-        report.problems += [describe(run) + ": `nirslake mark-failed` records it failed" for run in gone]
+        report.left_running = [describe(run) + ": `nirslake mark-failed` records it failed" for run in gone]
         return report
 
     # ------------------------------------------------------------------ SQL and catalog

@@ -53,7 +53,9 @@ def test_check_reports_a_run_whose_writer_was_killed_and_mark_failed_records_it(
     with WorkspaceStore(workspace) as store:
         report = store.check()
         assert not report.ok
-        assert len(report.problems) == 1 and run_id in report.problems[0] and "is gone" in report.problems[0]
+        assert report.problems == [], "the data is sound"
+        assert len(report.left_running) == 1 and run_id in report.left_running[0] and "is gone" in report.left_running[0]
+        assert "problem: run " + run_id in report.summary()
         assert [r["run_id"] for r in store.left_running()] == [run_id]
 
         assert store.mark_failed() == [run_id]

@@ -487,7 +487,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         report = store.check(repair=args.repair, progress=None if args.json else Progress("check"))
     code = EXIT_OK if report.ok else EXIT_FAILED
     if _json(args, {"ok": report.ok, "files_checked": report.files_checked, "artifacts_checked": report.artifacts_checked,
-                    "problems": report.problems, "leftovers": {k: len(v) for k, v in report.leftovers.items()},
+                    "problems": report.problems, "left_running": report.left_running, "leftovers": {k: len(v) for k, v in report.leftovers.items()},
                     "removed": report.removed}):
         return code
     print(report.summary())

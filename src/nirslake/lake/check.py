@@ -34,18 +34,21 @@ class CheckReport:
     problems: list[str] = field(default_factory=list)
     leftovers: dict[str, list[str]] = field(default_factory=dict)  # kind -> workspace-relative paths
     removed: int = 0  # leftovers deleted by repair
+    # Runs still 'running' whose writer process is gone (lake spec §12), one line each: problems
+    # of the runs' status, kept apart from the data's.
+    left_running: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when no problem was found (leftovers are not problems)."""
-        return not self.problems
+        """True when no problem was found and no run was left running (leftovers are not problems)."""
+        return not self.problems and not self.left_running
 
     def summary(self) -> str:
         lines = [
             f"{self.files_checked} data files and {self.artifacts_checked} artifacts checked: "
-            + ("no problem found" if self.ok else f"{len(self.problems)} problem(s)")
+            + ("no problem found" if self.ok else f"{len(self.problems) + len(self.left_running)} problem(s)")
         ]
-        lines += [f"  problem: {p}" for p in self.problems]
+        lines += [f"  problem: {p}" for p in [*self.problems, *self.left_running]]
         for kind, rels in self.leftovers.items():
             if rels:
                 lines.append(f"  leftover {kind}: {len(rels)} file(s)")
