@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import __version__
 from ..lake import artifacts as art
+from .jsonable import plain
 
 if TYPE_CHECKING:
     from ..store import WorkspaceStore
@@ -166,7 +167,7 @@ def export_chain(store: WorkspaceStore, chain_id: str, output_path: str | os.Pat
         artifact_id: art.read_verified(store.storage, record["path"], record["content_hash"])
         for artifact_id, record in records.items()
     }
-    chain_doc = _plain(chain)
+    chain_doc = plain(chain)
     members: dict[str, bytes] = {CHAIN: _json_bytes(chain_doc)}
     layout = _member_layout(chain, records)
     for entry in layout:
@@ -186,7 +187,7 @@ def export_chain(store: WorkspaceStore, chain_id: str, output_path: str | os.Pat
         "preprocessings": chain.get("preprocessings"),
         "fold_strategy": chain.get("fold_strategy"),
         "has_refit": has_refit,
-        "source": _plain(
+        "source": plain(
             {
                 "pipeline_name": pipeline.get("name"),
                 "dataset_name": pipeline.get("dataset_name"),
@@ -235,19 +236,6 @@ def _sealed_zip(manifest: bytes, members: dict[str, bytes]) -> bytes:
 
 def _json_bytes(value: Any) -> bytes:
     return json.dumps(value, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
-
-
-def _plain(value: Any) -> Any:
-    """JSON-able: datetimes as ISO text, numpy scalars as Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 # --------------------------------------------------------------------------- reading and verification

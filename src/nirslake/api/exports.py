@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import polars as pl
+
+from .jsonable import plain
 
 
 
@@ -39,7 +38,7 @@ def export_run(run: dict, pipelines: list[dict], chains: list[dict], output_path
         by_pipeline.setdefault(chain["pipeline_id"], []).append(chain)
     for p in pipelines:
         p["chains"] = by_pipeline.get(p["pipeline_id"], [])
-    document = _plain({"run": run, "pipelines": pipelines})
+    document = plain({"run": run, "pipelines": pipelines})
     target = with_suffix(output_path, ".yaml")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -52,16 +51,3 @@ def export_predictions_parquet(frame: pl.DataFrame, output_path: str | os.PathLi
     target.parent.mkdir(parents=True, exist_ok=True)
     frame.write_parquet(target)
     return target
-
-
-def _plain(value: Any) -> Any:
-    """Values YAML can write safely: datetimes as ISO strings, numpy scalars as Python ones."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -43,6 +43,20 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def plain(value: Any) -> Any:
+    """``value`` with datetimes as ISO 8601 text and numpy scalars as Python numbers, the rest as is
+    (NaN stays NaN): what the bundle manifests and the YAML exports write."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def dumps(value: Any, indent: int | None = None) -> str:
     """``value`` as JSON text that every parser accepts (``allow_nan=False`` after ``jsonable``)."""
     separators = None if indent else (",", ":")
