@@ -50,12 +50,29 @@ def view_statements(storage: Storage) -> str:
     The location goes only into string literals (``'{lake}`` exactly, ``'{lake_glob}`` as a
     DuckDB glob), quoted for SQL: a path holding a quote, a newline or ``--`` stays a path.
     """
-    location = storage.url()
+    return _view_text(storage.url())
+
+
+def _location_literals(location: str) -> dict[str, str]:
     # DuckDB's globs take [ * ? as patterns, matched literally as [[] [*] [?]; they cannot
     # match a backslash at all (not even escaped), so `?` stands for it and lake_files keeps
     # only the files under the exact location.
     glob = "".join(f"[{c}]" if c in "[*?" else "?" if c == "\\" else c for c in location)
-    literals = {"lake": _sql_text(location), "lake_glob": _sql_text(glob)}
+    return {"lake": _sql_text(location), "lake_glob": _sql_text(glob)}
+
+
+def location_statements(location: str) -> str:
+    """The two macros that hold the workspace location (``sql/views/00_lake.sql``); every view
+    reaches the lake through them, so replacing them moves a built catalog to another location."""
+    literals = _location_literals(location)
+    return (
+        f"CREATE OR REPLACE MACRO lake_location() AS '{literals['lake']}';\n"
+        f"CREATE OR REPLACE MACRO lake_location_glob() AS '{literals['lake_glob']}';"
+    )
+
+
+def _view_text(location: str) -> str:
+    literals = _location_literals(location)
     metrics = ", ".join(f"'{m}'" for m in sorted(LOWER_IS_BETTER))
     zero = ", ".join(f"'{m}'" for m in sorted(CLOSEST_TO_ZERO))
     parts = []
@@ -223,15 +240,38 @@ def run_sql(storage: Storage, query: str, params: list | None = None) -> pl.Data
         con.close()
 
 
+# Catalogs this process built, by the view SQL they hold with the location left out: a build for
+# another location copies one and replaces the two location macros (``location_statements``)
+# instead of creating every view, which binds each (reading the lake's footers) and cost most of
+# opening a new workspace (0.3 s locally, seconds on S3). DuckDB binds a view again at each query,
+# so what a view shows comes from the files at its location, whatever the catalog was built on.
+_BUILT: dict[tuple[str, str], bytes] = {}
+
+
 def build_catalog(storage: Storage) -> str:
     """(Re)build ``<workspace>/catalog.duckdb``; returns its path or URL."""
     import duckdb
 
+    shape = (duckdb_version(), _view_text(""))
     with tempfile.TemporaryDirectory(prefix="nirslake-catalog-") as tmp:
         db_path = os.path.join(tmp, f"{uuid.uuid4().hex}.duckdb")
+        template = _BUILT.get(shape)
+        if template is not None:
+            # No view is bound here, so nothing reads the footers a bind would: the check DuckDB
+            # made is made directly, and a damaged file stops the build as it did (lake spec §10).
+            damaged = _unreadable_footers(storage)
+            if damaged:
+                raise CatalogError(
+                    f"could not build {CATALOG_FILE} of {storage.url()}: a data file's Parquet footer does not read "
+                    f"(damaged: {', '.join(damaged)}); run `nirslake check` on the workspace to find every damaged file"
+                )
+            Path(db_path).write_bytes(template)
         con = duckdb.connect(db_path)
         try:
-            create_views(con, storage)
+            if template is not None:
+                con.execute(location_statements(storage.url()))
+            else:
+                create_views(con, storage)
             con.execute("CHECKPOINT")
         except (duckdb.Error, OSError) as exc:
             # DuckDB reads every data file's footer to bind the views: one damaged file stops it,
@@ -245,6 +285,7 @@ def build_catalog(storage: Storage) -> str:
         finally:
             con.close()
         data = Path(db_path).read_bytes()
+    _BUILT.setdefault(shape, data)
     storage.publish(CATALOG_FILE, data, overwrite=True)
     storage.publish(CATALOG_STAMP, json.dumps(_stamp(storage)).encode(), overwrite=True)
     return storage.url(CATALOG_FILE)
