@@ -183,13 +183,18 @@ def create_views(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
     """The lake's views on ``con``. A remote workspace is read by DuckDB's httpfs when it can reach
     it (S3, the packaged extension, options a secret holds), else through the store's fsspec
     filesystem (``Storage.query_fs``), whose cached listings never say a file is absent (lake spec §9)."""
+    _reach(con, storage)
+    con.execute(view_statements(storage))
+
+
+def _reach(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
+    """What ``con`` needs to read a remote workspace (nothing for a local one)."""
     if reads_through_httpfs(storage):
         con.execute(httpfs_load_statement())
         con.execute(s3_secret_statement(storage.storage_options, lambda: storage.bucket_region))
         con.execute("SET enable_http_metadata_cache = true")
     elif not storage.is_local:
         con.register_filesystem(storage.query_fs())
-    con.execute(view_statements(storage))
 
 
 def connect(storage: Storage) -> duckdb.DuckDBPyConnection:
@@ -229,15 +234,30 @@ class CatalogError(ValueError):
 
 
 def run_sql(storage: Storage, query: str, params: list | None = None) -> pl.DataFrame:
-    """``query`` run against the lake's views (a fresh connection, closed after); returns polars."""
-    con = connect(storage)
-    try:
-        result = con.execute(query, params or [])
-        if result is None:  # DuckDB's answer to text without a statement ("", a comment)
-            raise ValueError(f"the query holds no SQL statement: {query!r}; pass one, e.g. 'SELECT * FROM runs'")
-        return result.pl()
-    finally:
-        con.close()
+    """``query`` run against the lake's views (a fresh connection, closed after); returns polars.
+
+    The connection opens a copy of a catalog this process built (``_BUILT``) with the location
+    macros replaced, when there is one: creating the views binds each, most of a short query's time."""
+    import duckdb
+
+    template = _BUILT.get((duckdb_version(), _view_text("")))
+    with tempfile.TemporaryDirectory(prefix="nirslake-sql-") as tmp:
+        if template is None:
+            con = connect(storage)
+        else:
+            db_path = os.path.join(tmp, "views.duckdb")
+            Path(db_path).write_bytes(template)
+            con = duckdb.connect(db_path)
+        try:
+            if template is not None:
+                _reach(con, storage)
+                con.execute(location_statements(storage.url()))
+            result = con.execute(query, params or [])
+            if result is None:  # DuckDB's answer to text without a statement ("", a comment)
+                raise ValueError(f"the query holds no SQL statement: {query!r}; pass one, e.g. 'SELECT * FROM runs'")
+            return result.pl()
+        finally:
+            con.close()
 
 
 # Catalogs this process built, by the view SQL they hold with the location left out: a build for
