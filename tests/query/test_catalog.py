@@ -456,3 +456,40 @@ def test_a_workspace_path_with_glob_characters_works_everywhere(tmp_path):
                               1, 1, {}, {}, None, None, 0, 0.0)
         assert store.sql("SELECT count(*) AS n FROM predictions")["n"][0] == 1
     assert scan(ws, "predictions").collect().height == 1
+
+
+def test_a_catalog_made_from_another_workspaces_reads_its_own_lake(tmp_path, make_pipeline, add_prediction):
+    """Issue 11: a process binds the views once and makes later catalogs by copying that one and
+    replacing the two location macros. Each copy must read its own workspace only, in the shell,
+    through ``store.sql`` and in a fresh bind (``connect``), with the same rows and columns."""
+    made = {}
+    for name, n in (("first", 1), ("second", 3), ("third [x]'s", 2)):
+        workspace = str(tmp_path / name)
+        with WorkspaceStore(workspace) as store:
+            ids = make_pipeline(store, dataset_name=f"ds_{n}")
+            for fold in range(n):
+                add_prediction(store, ids, dataset_name=f"ds_{n}", fold_id=str(fold))
+            store.flush()
+            via_store = store.sql("SELECT dataset_name, count(*) AS n FROM predictions GROUP BY ALL").rows()
+        made[workspace] = n
+        assert via_store == [(f"ds_{n}", n)]
+        assert catalog._BUILT, "the first build of the process is kept to copy"
+    for workspace, n in made.items():
+        stored = catalog_sql(workspace, "SELECT lake_location() AS at, (SELECT count(*) FROM predictions) AS n").row(0)
+        assert stored == (str(Path(workspace).resolve()), n)
+        assert shell_count(workspace, tmp_path / "elsewhere") == n
+        con = catalog.connect(Storage(workspace))  # every view bound afresh on this workspace
+        try:
+            fresh = con.execute("SELECT * FROM predictions_with_run ORDER BY prediction_id").pl()
+        finally:
+            con.close()
+        assert catalog_sql(workspace, "SELECT * FROM predictions_with_run ORDER BY prediction_id").equals(fresh)
+        assert catalog_sql(workspace, "SELECT * FROM array_scores").columns == con_columns(workspace, "array_scores")
+
+
+def con_columns(workspace: str, view: str) -> list[str]:
+    con = catalog.connect(Storage(workspace))
+    try:
+        return [d[0] for d in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
+    finally:
+        con.close()
