@@ -29,7 +29,7 @@ from .api.reads import LakeReads, filter_exprs, leasable, log_summary, public
 from .lake import artifacts as art
 from .lake import schema as S
 from .lake.storage import Storage
-from .lake.tables import CLOCK, empty_table, new_id, root_schema_file, schema_file, to_parquet_bytes
+from .lake.tables import CLOCK, ensure_schema_files, new_id
 from .lake.writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, DEFAULT_FLUSH_SECONDS, LakeWriter, flush_left_open, recover_orphans
 from .query import catalog, top_k, with_scores
 from .query.scores import METRICS
@@ -126,16 +126,7 @@ class WorkspaceStore:
         # the catalog, so on an object store, where each check is a request (nine per open), a
         # current catalog vouches for them.
         if self._storage.is_local or not current:
-            for tdef in S.TABLES.values():
-                rel = schema_file(tdef)
-                if not self._storage.exists(rel):
-                    self._storage.publish(rel, to_parquet_bytes(empty_table(tdef.schema)), exists_ok=True)
-                    if rel != root_schema_file(tdef):
-                        # Older workspaces kept it at the table root, outside every `dataset=` folder,
-                        # which hive readers refuse (lake spec §3); it holds no rows. One made by an
-                        # older format holds that format's file there.
-                        for version in range(1, S.FORMAT_VERSION + 1):
-                            self._storage.delete(root_schema_file(tdef, version))
+            ensure_schema_files(self._storage)
         try:
             if not current:
                 catalog.build_catalog(self._storage)

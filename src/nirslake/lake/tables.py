@@ -108,6 +108,31 @@ def root_schema_file(tdef: TableDef, version: int = FORMAT_VERSION) -> str:
     return f"{tdef.dir}/{DATA_PREFIX}00000000000000-schema-v{version}.parquet"
 
 
+def ensure_schema_files(storage: Storage) -> None:
+    """Write each table's schema file where it is missing (lake spec §3). On an object store the
+    tables are done concurrently: each is a HEAD and maybe a PUT and DELETEs, about 30 requests
+    one after another when a new workspace is opened (issue 11)."""
+
+    def ensure(tdef: TableDef) -> None:
+        rel = schema_file(tdef)
+        if storage.exists(rel):
+            return
+        storage.publish(rel, to_parquet_bytes(empty_table(tdef.schema)), exists_ok=True)
+        if rel != root_schema_file(tdef):
+            # Older workspaces kept it at the table root, outside every `dataset=` folder, which
+            # hive readers refuse (lake spec §3); it holds no rows. One made by an older format
+            # holds that format's file there.
+            for version in range(1, FORMAT_VERSION + 1):
+                storage.delete(root_schema_file(tdef, version))
+
+    if storage.is_local:
+        for tdef in TABLES.values():
+            ensure(tdef)
+        return
+    with ThreadPoolExecutor(max_workers=len(TABLES)) as pool:
+        list(pool.map(ensure, TABLES.values()))
+
+
 def is_schema_file(rel: str) -> bool:
     return "-schema-v" in posixpath.basename(rel)
 

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata, resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -313,16 +314,22 @@ def build_catalog(storage: Storage) -> str:
 
 def _unreadable_footers(storage: Storage) -> list[str]:
     """The data files whose Parquet footer does not read, as DuckDB needs it to bind a view."""
-    found = []
-    for rel in storage.list_files("tables"):
+
+    def damaged(rel: str) -> bool:
         try:
             with storage.open_arrow(rel) as fh:
                 pq.read_metadata(fh)
         except FileNotFoundError:
-            pass  # replaced by a compaction since the listing: gone, not damaged
+            return False  # replaced by a compaction since the listing: gone, not damaged
         except Exception:  # noqa: BLE001 - any other failure to read is what is looked for
-            found.append(rel)
-    return found
+            return True
+        return False
+
+    rels = storage.list_files("tables")
+    if storage.is_local or len(rels) < 2:
+        return [rel for rel in rels if damaged(rel)]
+    with ThreadPoolExecutor(max_workers=min(len(rels), 16)) as pool:  # a request each, in flight together
+        return [rel for rel, bad in zip(rels, pool.map(damaged, rels)) if bad]
 
 
 def ensure_catalog(storage: Storage) -> None:
