@@ -354,14 +354,24 @@ class FileCache:
         self._lock = threading.Lock()
 
     def after_fork(self) -> None:
-        """In a forked child: a fresh lock (a thread of the parent may have held this one)."""
+        """In a forked child: a fresh lock (a thread of the parent may have held this one), and
+        no polars frames: ``read`` would convert them with polars, which can hang after a fork."""
         self._lock = threading.Lock()
+        self._frames = {}
 
     def read(self, storage: Storage, rel: str, schema: pa.Schema) -> pa.Table:
         with self._lock:
             hit = self._tables.get(rel)
+            frame = self._frames.get(rel) if hit is None and not storage.is_local else None
         if hit is not None:
             return hit
+        if frame is not None:
+            # Decoded by polars already (a ranking read it): on an object store, fetching the
+            # file again was a GET per file for the first lookup after a top-k (issue 11).
+            table = conform(frame.to_arrow(), schema)
+            with self._lock:
+                self._tables[rel] = table
+            return table
         with _decoding(rel), storage.open_arrow(rel) as fh:
             table = conform(pq.ParquetFile(fh).read(), schema)
         with self._lock:
