@@ -748,7 +748,13 @@ def lookup(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str], 
     """The rows of ``keys`` from large files (arrays), reading only row groups whose key range
     (min/max statistics) can hold one: ids sort by time, so a lookup touches few row groups."""
     found = []
-    for rel in with_rows(rels):
+    rels = with_rows(rels)
+    if not storage.is_local and len(rels) > 1:
+        # The footers a first lookup needs, one ranged GET each, in flight together rather than
+        # one after another (a partition written on S3 holds a file per durability point).
+        with ThreadPoolExecutor(max_workers=min(len(rels), FETCH_FILES)) as pool:
+            list(pool.map(lambda rel: cache.metadata(storage, rel), rels))
+    for rel in rels:
         meta = cache.metadata(storage, rel)
         groups = [g for g, (low, high) in enumerate(cache.key_ranges(storage, rel, tdef.key)) if any(low <= k <= high for k in keys)]
         if groups:
