@@ -125,11 +125,10 @@ class WorkspaceStore:
         # view works (and returns no rows) before anything was written. They are written before
         # the catalog, so on an object store, where each check is a request (nine per open), a
         # current catalog vouches for them.
-        if self._storage.is_local or not current:
-            ensure_schema_files(self._storage)
+        written = ensure_schema_files(self._storage) if (self._storage.is_local or not current) else set()
         try:
             if not current:
-                catalog.build_catalog(self._storage)
+                catalog.build_catalog(self._storage, written)
         except catalog.CatalogError as exc:
             # The store reads the lake, not the catalog: a damaged file must not lock everyone
             # out, least of all `nirslake check`, which names it.

@@ -108,29 +108,38 @@ def root_schema_file(tdef: TableDef, version: int = FORMAT_VERSION) -> str:
     return f"{tdef.dir}/{DATA_PREFIX}00000000000000-schema-v{version}.parquet"
 
 
-def ensure_schema_files(storage: Storage) -> None:
-    """Write each table's schema file where it is missing (lake spec §3). On an object store the
-    tables are done concurrently: each is a HEAD and maybe a PUT and DELETEs, about 30 requests
-    one after another when a new workspace is opened (issue 11)."""
+def ensure_schema_files(storage: Storage) -> set[str]:
+    """Write each table's schema file where it is missing (lake spec §3); returns those written.
 
-    def ensure(tdef: TableDef) -> None:
+    On an object store one listing of ``tables/`` says which are there (instead of a HEAD each,
+    and a DELETE for every older location that might hold one), and the missing ones are written
+    concurrently: opening a new workspace cost about 30 requests one after another (issue 11)."""
+    present = None if storage.is_local else set(storage.list_files("tables"))
+
+    def missing(rel: str) -> bool:
+        return not storage.exists(rel) if present is None else rel not in present
+
+    def ensure(tdef: TableDef) -> str | None:
         rel = schema_file(tdef)
-        if storage.exists(rel):
-            return
+        if not missing(rel):
+            return None
         storage.publish(rel, to_parquet_bytes(empty_table(tdef.schema)), exists_ok=True)
         if rel != root_schema_file(tdef):
             # Older workspaces kept it at the table root, outside every `dataset=` folder, which
             # hive readers refuse (lake spec §3); it holds no rows. One made by an older format
             # holds that format's file there.
             for version in range(1, FORMAT_VERSION + 1):
-                storage.delete(root_schema_file(tdef, version))
+                old = root_schema_file(tdef, version)
+                if present is None or old in present:
+                    storage.delete(old)
+        return rel
 
     if storage.is_local:
-        for tdef in TABLES.values():
-            ensure(tdef)
-        return
-    with ThreadPoolExecutor(max_workers=len(TABLES)) as pool:
-        list(pool.map(ensure, TABLES.values()))
+        written = [ensure(tdef) for tdef in TABLES.values()]
+    else:
+        with ThreadPoolExecutor(max_workers=len(TABLES)) as pool:
+            written = list(pool.map(ensure, TABLES.values()))
+    return {rel for rel in written if rel is not None}
 
 
 def is_schema_file(rel: str) -> bool:

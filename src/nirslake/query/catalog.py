@@ -269,8 +269,9 @@ def run_sql(storage: Storage, query: str, params: list | None = None) -> pl.Data
 _BUILT: dict[tuple[str, str], bytes] = {}
 
 
-def build_catalog(storage: Storage) -> str:
-    """(Re)build ``<workspace>/catalog.duckdb``; returns its path or URL."""
+def build_catalog(storage: Storage, written: set[str] = frozenset()) -> str:
+    """(Re)build ``<workspace>/catalog.duckdb``; returns its path or URL. ``written``: files the
+    caller has just written itself (a new workspace's schema files), whose footers need no check."""
     import duckdb
 
     shape = (duckdb_version(), _view_text(""))
@@ -280,7 +281,7 @@ def build_catalog(storage: Storage) -> str:
         if template is not None:
             # No view is bound here, so nothing reads the footers a bind would: the check DuckDB
             # made is made directly, and a damaged file stops the build as it did (lake spec §10).
-            damaged = _unreadable_footers(storage)
+            damaged = _unreadable_footers(storage, skip=written)
             if damaged:
                 raise CatalogError(
                     f"could not build {CATALOG_FILE} of {storage.url()}: a data file's Parquet footer does not read "
@@ -312,8 +313,9 @@ def build_catalog(storage: Storage) -> str:
     return storage.url(CATALOG_FILE)
 
 
-def _unreadable_footers(storage: Storage) -> list[str]:
-    """The data files whose Parquet footer does not read, as DuckDB needs it to bind a view."""
+def _unreadable_footers(storage: Storage, skip: set[str] = frozenset()) -> list[str]:
+    """The data files whose Parquet footer does not read, as DuckDB needs it to bind a view
+    (``skip``: files known to be whole)."""
 
     def damaged(rel: str) -> bool:
         try:
@@ -325,7 +327,7 @@ def _unreadable_footers(storage: Storage) -> list[str]:
             return True
         return False
 
-    rels = storage.list_files("tables")
+    rels = [rel for rel in storage.list_files("tables") if rel not in skip]
     if storage.is_local or len(rels) < 2:
         return [rel for rel in rels if damaged(rel)]
     with ThreadPoolExecutor(max_workers=min(len(rels), 16)) as pool:  # a request each, in flight together
