@@ -125,7 +125,7 @@ def operations_worker(workspace: str, size: Sweep) -> dict:
         out[label] = {"requests": kinds, "bytes": moved, "s": elapsed, "read": places}
         return value
 
-    store = measure("open (a copy at a new location rebuilds its catalog)", lambda: open_store("nirslake", workspace))
+    store = measure("open", lambda: open_store("nirslake", workspace))
     measure("top-10 per dataset, first call", lambda: store.top_predictions(10, group_by="dataset_name"))
     measure("top-10 per dataset, again", lambda: store.top_predictions(10, group_by="dataset_name"))
     measure("query_predictions(dataset, val)", lambda: store.query_predictions(dataset_name="dataset_0", partition="val"))
