@@ -493,3 +493,24 @@ def con_columns(workspace: str, view: str) -> list[str]:
         return [d[0] for d in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
     finally:
         con.close()
+
+
+def test_a_copied_catalog_on_s3_reads_the_bucket(s3_workspace, tmp_path, make_pipeline, add_prediction):
+    """Issue 11, on S3: a catalog copied from a local one holds the bucket's URL, and ``store.sql``
+    (its own copy, with httpfs or fsspec) reads the bucket's rows."""
+    WorkspaceStore(str(tmp_path / "local")).close()  # this process's bound catalog, to copy
+    assert catalog._BUILT
+    with WorkspaceStore(s3_workspace) as store:
+        ids = make_pipeline(store, dataset_name="ds_s3")
+        for fold in range(2):
+            add_prediction(store, ids, dataset_name="ds_s3", fold_id=str(fold))
+        store.flush()
+        assert store.sql("SELECT lake_location() AS at, count(*) AS n FROM predictions").row(0) == (s3_workspace, 2)
+        assert store.sql("SELECT DISTINCT dataset_name FROM predictions_with_run").rows() == [("ds_s3",)]
+    copy = tmp_path / "from-bucket.duckdb"
+    copy.write_bytes(Storage(s3_workspace).read_bytes(catalog.CATALOG_FILE))
+    con = duckdb.connect(str(copy), read_only=True)
+    try:
+        assert con.execute("SELECT lake_location(), lake_location_glob()").fetchone() == (s3_workspace, s3_workspace)
+    finally:
+        con.close()
