@@ -71,9 +71,17 @@ class ClientRequests:
     def __init__(self, fs) -> None:
         self.kinds: Counter = Counter()
         self.bytes = 0
+        self.places: Counter = Counter()  # what the GETs read: a table, the catalog, _current ...
         client = fs.s3
+        client.meta.events.register("before-parameter-build.s3", self._params)
         client.meta.events.register("before-call.s3", self._before)
         client.meta.events.register("after-call.s3", self._after)
+
+    def _params(self, params=None, model=None, **_kw) -> None:
+        if model is not None and model.name == "GetObject" and params and "Key" in params:
+            parts = params["Key"].split("/")
+            place = parts[parts.index("tables") + 1] if "tables" in parts[:-1] else parts[-2] if len(parts) > 2 else parts[-1]
+            self.places[place + (" (range)" if params.get("Range") else "")] += 1
 
     def _before(self, model=None, params=None, **_kw) -> None:
         body = (params or {}).get("body")
@@ -87,9 +95,9 @@ class ClientRequests:
         if name == "GET":
             self.bytes += int(http_response.headers.get("content-length", 0) or 0)
 
-    def take(self) -> tuple[dict, int]:
-        taken = (dict(self.kinds), self.bytes)
-        self.kinds, self.bytes = Counter(), 0
+    def take(self) -> tuple[dict, int, dict]:
+        taken = (dict(self.kinds), self.bytes, dict(self.places))
+        self.kinds, self.bytes, self.places = Counter(), 0, Counter()
         return taken
 
 
@@ -101,24 +109,30 @@ def operations_worker(workspace: str, size: Sweep) -> dict:
 
     from workloads import open_store
 
-    store = open_store("nirslake", workspace)
-    counter = ClientRequests(store.storage.fs)
+    from nirslake.lake.storage import Storage
+
+    # The store's filesystem is fsspec's cached instance for these options: counting on it from
+    # before the store exists counts the requests of opening it too.
+    counter = ClientRequests(Storage(workspace).fs)
     counter.take()
     out: dict = {}
 
     def measure(label, fn):
         t0 = time.perf_counter()
-        fn()
+        value = fn()
         elapsed = time.perf_counter() - t0
-        kinds, moved = counter.take()
-        out[label] = {"requests": kinds, "bytes": moved, "s": elapsed}
+        kinds, moved, places = counter.take()
+        out[label] = {"requests": kinds, "bytes": moved, "s": elapsed, "read": places}
+        return value
 
+    store = measure("open", lambda: open_store("nirslake", workspace))
     measure("top-10 per dataset, first call", lambda: store.top_predictions(10, group_by="dataset_name"))
     measure("top-10 per dataset, again", lambda: store.top_predictions(10, group_by="dataset_name"))
     measure("query_predictions(dataset, val)", lambda: store.query_predictions(dataset_name="dataset_0", partition="val"))
     ids = store.query_predictions(dataset_name=f"dataset_{size.datasets - 1}")["prediction_id"].to_list()
     counter.take()
     chosen = [ids[i] for i in np.random.default_rng(3).choice(len(ids), size=min(21, len(ids)), replace=False)]
+    measure("get_prediction, no arrays", lambda: store.get_prediction(chosen[0]))
     measure("get_prediction with arrays, first (reads the footer)", lambda: store.get_prediction(chosen[0], load_arrays=True))
     measure("get_prediction with arrays, footer known", lambda: store.get_prediction(chosen[1], load_arrays=True))
     measure("arrays of 20 predictions", lambda: [store.get_prediction(pid, load_arrays=True) for pid in chosen[1:]])
@@ -169,25 +183,28 @@ def main() -> None:
         # Per operation, in fresh processes: a sweep written on S3 (a file per table per
         # durability point), and a local sweep copied to the bucket (a few large files).
         spawn("sweep", "nirslake", "s3://bench/ws-ops", size)
+        spawn("sweep", "nirslake", "s3://bench/ws-ops-lease", size)  # the last read of each is delete_run
         local_sweep = os.path.join(tmp, "ws-copied")
         spawn("sweep", "nirslake", local_sweep, size)
         import s3fs
 
         s3fs.S3FileSystem(skip_instance_cache=True).put(local_sweep + "/", "bench/ws-copied", recursive=True)
-        operations = {layout: operations_spawn(url, size) for layout, url in
-                      (("written on S3", "s3://bench/ws-ops"), ("copied from a local sweep", "s3://bench/ws-copied"))}
+        operations = {layout: operations_spawn(url, size, ttl) for layout, url, ttl in
+                      (("written on S3", "s3://bench/ws-ops", 0), ("copied from a local sweep", "s3://bench/ws-copied", 0),
+                       (f"written on S3, listing lease {LEASE_SECONDS:g} s", "s3://bench/ws-ops-lease", LEASE_SECONDS))}
     print(render(results, size))
     print()
     print(render_operations(operations))
 
 
-def operations_spawn(workspace: str, size: Sweep) -> dict:
+def operations_spawn(workspace: str, size: Sweep, ttl: float = 0) -> dict:
     import json
     import subprocess
     from dataclasses import asdict
 
     cmd = [sys.executable, os.path.abspath(__file__), "--operations-worker", workspace, json.dumps(asdict(size))]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "NIRSLAKE_BENCH_LISTING_TTL": str(ttl)}  # read by the worker's open_store
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"operations worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
@@ -199,8 +216,8 @@ def render_operations(operations: dict) -> str:
     (one request after another: reads of many files send up to 64 at once, so less)."""
     lines = [
         f"| operation (fresh process) | layout | GET | LIST | HEAD | other | bytes | projected "
-        f"({PROJECTED_REQUEST_S * 1e3:g} ms/request, {PROJECTED_BYTES_PER_S / 1e6:g} MB/s) | measured (moto) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"({PROJECTED_REQUEST_S * 1e3:g} ms/request, {PROJECTED_BYTES_PER_S / 1e6:g} MB/s) | measured (moto) | GETs of |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for layout, ops in operations.items():
         for label, op in ops.items():
@@ -209,8 +226,9 @@ def render_operations(operations: dict) -> str:
             other = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "0"
             total = gets + lists + heads + sum(kinds.values())
             projected = total * PROJECTED_REQUEST_S + op["bytes"] / PROJECTED_BYTES_PER_S
+            reads = ", ".join(f"{name} {n}" for name, n in sorted(op.get("read", {}).items())) or "-"
             lines.append(f"| {label} | {layout} | {gets} | {lists} | {heads} | {other} | {op['bytes']:,} | "
-                         f"{fmt_s(projected)} | {fmt_s(op['s'])} |")
+                         f"{fmt_s(projected)} | {fmt_s(op['s'])} | {reads} |")
     return "\n".join(lines)
 
 

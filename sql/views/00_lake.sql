@@ -2,6 +2,11 @@
 -- The workspace's absolute path or URL is filled in when the catalog is built (lake spec §9),
 -- so the catalog opens from any working directory; it appears only inside string literals.
 
+-- The location lives in these two macros alone: a catalog built for one workspace becomes
+-- another's by replacing them (nirslake.query.catalog), without binding every view again.
+CREATE OR REPLACE MACRO lake_location() AS '{lake}';
+CREATE OR REPLACE MACRO lake_location_glob() AS '{lake_glob}';
+
 -- Every file of one table, with each row's file name and position in its file (the
 -- tie-break of latest-wins); globs are evaluated at query time, so files that land after
 -- the catalog was built show up without a rebuild. The glob holds the location with its
@@ -9,9 +14,9 @@
 -- it, and the filter on the exact location keeps only the workspace's own files.
 CREATE OR REPLACE MACRO lake_files(table_name) AS TABLE
 SELECT * EXCLUDE (filename, file_row_number), parse_filename(filename) AS _file, file_row_number AS _row
-FROM read_parquet('{lake_glob}/tables/' || table_name || '/**/*.parquet',
+FROM read_parquet(lake_location_glob() || '/tables/' || table_name || '/**/*.parquet',
                   union_by_name = true, filename = true, file_row_number = true, hive_partitioning = false)
-WHERE starts_with(filename, '{lake}/tables/');
+WHERE starts_with(filename, lake_location() || '/tables/');
 
 -- Commits in the order they landed: each claimed the next number in its file name
 -- (commit-<n>.parquet) with a put-if-absent; commits from before numbering come first, by

@@ -30,7 +30,7 @@ from .lake import artifacts as art
 from .lake import liveness
 from .lake import schema as S
 from .lake.storage import Storage
-from .lake.tables import CLOCK, empty_table, new_id, root_schema_file, schema_file, to_parquet_bytes
+from .lake.tables import CLOCK, ensure_schema_files, new_id
 from .lake.writer import DEFAULT_FLUSH_BYTES, DEFAULT_FLUSH_ROWS, DEFAULT_FLUSH_SECONDS, LakeWriter, flush_left_open, recover_orphans
 from .query import catalog, top_k, with_scores
 from .query.scores import METRICS
@@ -126,20 +126,10 @@ class WorkspaceStore:
         # view works (and returns no rows) before anything was written. They are written before
         # the catalog, so on an object store, where each check is a request (nine per open), a
         # current catalog vouches for them.
-        if self._storage.is_local or not current:
-            for tdef in S.TABLES.values():
-                rel = schema_file(tdef)
-                if not self._storage.exists(rel):
-                    self._storage.publish(rel, to_parquet_bytes(empty_table(tdef.schema)), exists_ok=True)
-                    if rel != root_schema_file(tdef):
-                        # Older workspaces kept it at the table root, outside every `dataset=` folder,
-                        # which hive readers refuse (lake spec §3); it holds no rows. One made by an
-                        # older format holds that format's file there.
-                        for version in range(1, S.FORMAT_VERSION + 1):
-                            self._storage.delete(root_schema_file(tdef, version))
+        written = ensure_schema_files(self._storage) if (self._storage.is_local or not current) else set()
         try:
             if not current:
-                catalog.build_catalog(self._storage)
+                catalog.build_catalog(self._storage, written)
         except catalog.CatalogError as exc:
             # The store reads the lake, not the catalog: a damaged file must not lock everyone
             # out, least of all `nirslake check`, which names it.

@@ -106,7 +106,8 @@ def test_the_shell_init_sql_loads_httpfs_and_a_secret_for_the_endpoint(s3_worksp
     assert "httpfs" in init and "LOAD" in init
     assert f"ENDPOINT '{host}'" in init and "URL_STYLE 'path'" in init and "USE_SSL false" in init
     assert "KEY_ID 'testing'" in init
-    assert f"{s3_workspace}/tables/" in init
+    # The views reach the lake through the location macros (lake spec §9).
+    assert f"lake_location() AS '{s3_workspace}';" in init and "lake_location() || '/tables/'" in init
 
 
 @contextmanager

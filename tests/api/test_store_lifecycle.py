@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 import nirslake
+from conftest import create_pipeline, new_bucket, record_prediction
 from nirslake import WorkspaceStore
 
 # --------------------------------------------------------------------------- empty workspace
@@ -36,14 +37,30 @@ LISTINGS = {
 }
 
 
+def backend_workspace(request, tmp_path_factory) -> str:
+    """A fresh workspace on the backend of ``request.param`` (as the ``workspace`` fixture makes),
+    for a module-scoped store that many read-only tests share."""
+    if request.param == "local":
+        return str(tmp_path_factory.mktemp("ws") / "ws")
+    return f"s3://{new_bucket(request.getfixturevalue('s3_endpoint'))}/ws"
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def empty_store(request, tmp_path_factory):
+    """One store on an empty workspace per backend: the getters and listings below only read."""
+    s = WorkspaceStore(backend_workspace(request, tmp_path_factory), grace_seconds=0)
+    yield s
+    s.close()
+
+
 @pytest.mark.parametrize("name", GETTERS)
-def test_empty_workspace_getters_return_none(store, name):
-    assert GETTERS[name](store) is None
+def test_empty_workspace_getters_return_none(empty_store, name):
+    assert GETTERS[name](empty_store) is None
 
 
 @pytest.mark.parametrize("name", LISTINGS)
-def test_empty_workspace_listings_are_empty_dataframes(store, name):
-    frame = LISTINGS[name](store)
+def test_empty_workspace_listings_are_empty_dataframes(empty_store, name):
+    frame = LISTINGS[name](empty_store)
     assert isinstance(frame, pl.DataFrame)
     assert frame.height == 0
 
@@ -75,14 +92,27 @@ def test_close_is_idempotent_and_keeps_workspace_path(store, workspace):
     assert str(store.workspace_path) == workspace
 
 
-@pytest.fixture
-def closed(store, make_pipeline, add_prediction, tmp_path):
-    """A store closed after writing one of everything; returns the ids written before close."""
-    ids = make_pipeline(store)
-    prediction_id = add_prediction(store, ids)
+def close_after_writing(store, out) -> dict:
+    """Write one of everything, close the store; returns the ids written before close."""
+    ids = create_pipeline(store)
+    prediction_id = record_prediction(store, ids)
     artifact_id = store.save_artifact({"coef": [1.0, 2.0]}, "Ridge", "model", "pickle")
     store.close()
-    return {"ids": ids, "prediction_id": prediction_id, "artifact_id": artifact_id, "out": tmp_path / "out"}
+    return {"ids": ids, "prediction_id": prediction_id, "artifact_id": artifact_id, "out": out}
+
+
+@pytest.fixture
+def closed(store, tmp_path):
+    """A store closed after writing one of everything; returns the ids written before close."""
+    return close_after_writing(store, tmp_path / "out")
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def closed_store(request, tmp_path_factory):
+    """(store, ids): one closed store per backend, shared by the calls below that must each
+    raise without touching it (``test_calls_after_close_change_nothing_on_disk`` checks the disk)."""
+    store = WorkspaceStore(backend_workspace(request, tmp_path_factory), grace_seconds=0)
+    return store, close_after_writing(store, tmp_path_factory.mktemp("out") / "out")
 
 
 X10 = np.zeros((10, 3))
@@ -132,7 +162,8 @@ AFTER_CLOSE = {
 
 
 @pytest.mark.parametrize("name", AFTER_CLOSE)
-def test_every_method_raises_runtime_error_after_close(store, closed, name):
+def test_every_method_raises_runtime_error_after_close(closed_store, name):
+    store, closed = closed_store
     with pytest.raises(RuntimeError):
         AFTER_CLOSE[name](store, closed)
 

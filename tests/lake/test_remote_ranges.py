@@ -133,6 +133,22 @@ def test_a_remote_array_lookup_fetches_one_range_once_the_footer_is_known(s3_wor
                     assert value == local_copy[pid][key], key
 
 
+def test_a_lookup_after_a_remote_ranking_fetches_no_predictions_file_again(s3_workspace, monkeypatch):
+    """Issue 11: the files a top-k decoded (polars) serve the lookups after it (pyarrow) without a
+    second GET each; the rows are those a fresh store reads from the files."""
+    saved = sweep(s3_workspace, pipelines=4, samples=20)
+    ids = sorted(saved)[::7]
+    with WorkspaceStore(s3_workspace) as store:
+        store.top_predictions(5, group_by="dataset_name")
+        counted = Requests(store.storage, monkeypatch)
+        served = {pid: store.get_prediction(pid) for pid in ids}
+        assert counted.gets == 0, "the predictions files were fetched again"
+        monkeypatch.undo()
+    with WorkspaceStore(s3_workspace) as fresh:
+        assert served == {pid: fresh.get_prediction(pid) for pid in ids}
+        assert all(row is not None for row in served.values())
+
+
 def test_a_truncated_remote_file_is_named(s3_workspace):
     sweep(s3_workspace, pipelines=2)
     storage = Storage(s3_workspace)

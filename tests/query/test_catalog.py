@@ -456,3 +456,61 @@ def test_a_workspace_path_with_glob_characters_works_everywhere(tmp_path):
                               1, 1, {}, {}, None, None, 0, 0.0)
         assert store.sql("SELECT count(*) AS n FROM predictions")["n"][0] == 1
     assert scan(ws, "predictions").collect().height == 1
+
+
+def test_a_catalog_made_from_another_workspaces_reads_its_own_lake(tmp_path, make_pipeline, add_prediction):
+    """Issue 11: a process binds the views once and makes later catalogs by copying that one and
+    replacing the two location macros. Each copy must read its own workspace only, in the shell,
+    through ``store.sql`` and in a fresh bind (``connect``), with the same rows and columns."""
+    made = {}
+    for name, n in (("first", 1), ("second", 3), ("third [x]'s", 2)):
+        workspace = str(tmp_path / name)
+        with WorkspaceStore(workspace) as store:
+            ids = make_pipeline(store, dataset_name=f"ds_{n}")
+            for fold in range(n):
+                add_prediction(store, ids, dataset_name=f"ds_{n}", fold_id=str(fold))
+            store.flush()
+            via_store = store.sql("SELECT dataset_name, count(*) AS n FROM predictions GROUP BY ALL").rows()
+        made[workspace] = n
+        assert via_store == [(f"ds_{n}", n)]
+        assert catalog._BUILT, "the first build of the process is kept to copy"
+    for workspace, n in made.items():
+        stored = catalog_sql(workspace, "SELECT lake_location() AS at, (SELECT count(*) FROM predictions) AS n").row(0)
+        assert stored == (str(Path(workspace).resolve()), n)
+        assert shell_count(workspace, tmp_path / "elsewhere") == n
+        con = catalog.connect(Storage(workspace))  # every view bound afresh on this workspace
+        try:
+            fresh = con.execute("SELECT * FROM predictions_with_run ORDER BY prediction_id").pl()
+        finally:
+            con.close()
+        assert catalog_sql(workspace, "SELECT * FROM predictions_with_run ORDER BY prediction_id").equals(fresh)
+        assert catalog_sql(workspace, "SELECT * FROM array_scores").columns == con_columns(workspace, "array_scores")
+
+
+def con_columns(workspace: str, view: str) -> list[str]:
+    con = catalog.connect(Storage(workspace))
+    try:
+        return [d[0] for d in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
+    finally:
+        con.close()
+
+
+def test_a_copied_catalog_on_s3_reads_the_bucket(s3_workspace, tmp_path, make_pipeline, add_prediction):
+    """Issue 11, on S3: a catalog copied from a local one holds the bucket's URL, and ``store.sql``
+    (its own copy, with httpfs or fsspec) reads the bucket's rows."""
+    WorkspaceStore(str(tmp_path / "local")).close()  # this process's bound catalog, to copy
+    assert catalog._BUILT
+    with WorkspaceStore(s3_workspace) as store:
+        ids = make_pipeline(store, dataset_name="ds_s3")
+        for fold in range(2):
+            add_prediction(store, ids, dataset_name="ds_s3", fold_id=str(fold))
+        store.flush()
+        assert store.sql("SELECT lake_location() AS at, count(*) AS n FROM predictions").row(0) == (s3_workspace, 2)
+        assert store.sql("SELECT DISTINCT dataset_name FROM predictions_with_run").rows() == [("ds_s3",)]
+    copy = tmp_path / "from-bucket.duckdb"
+    copy.write_bytes(Storage(s3_workspace).read_bytes(catalog.CATALOG_FILE))
+    con = duckdb.connect(str(copy), read_only=True)
+    try:
+        assert con.execute("SELECT lake_location(), lake_location_glob()").fetchone() == (s3_workspace, s3_workspace)
+    finally:
+        con.close()

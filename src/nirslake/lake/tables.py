@@ -108,6 +108,40 @@ def root_schema_file(tdef: TableDef, version: int = FORMAT_VERSION) -> str:
     return f"{tdef.dir}/{DATA_PREFIX}00000000000000-schema-v{version}.parquet"
 
 
+def ensure_schema_files(storage: Storage) -> set[str]:
+    """Write each table's schema file where it is missing (lake spec §3); returns those written.
+
+    On an object store one listing of ``tables/`` says which are there (instead of a HEAD each,
+    and a DELETE for every older location that might hold one), and the missing ones are written
+    concurrently: opening a new workspace cost about 30 requests one after another (issue 11)."""
+    present = None if storage.is_local else set(storage.list_files("tables"))
+
+    def missing(rel: str) -> bool:
+        return not storage.exists(rel) if present is None else rel not in present
+
+    def ensure(tdef: TableDef) -> str | None:
+        rel = schema_file(tdef)
+        if not missing(rel):
+            return None
+        storage.publish(rel, to_parquet_bytes(empty_table(tdef.schema)), exists_ok=True)
+        if rel != root_schema_file(tdef):
+            # Older workspaces kept it at the table root, outside every `dataset=` folder, which
+            # hive readers refuse (lake spec §3); it holds no rows. One made by an older format
+            # holds that format's file there.
+            for version in range(1, FORMAT_VERSION + 1):
+                old = root_schema_file(tdef, version)
+                if present is None or old in present:
+                    storage.delete(old)
+        return rel
+
+    if storage.is_local:
+        written = [ensure(tdef) for tdef in TABLES.values()]
+    else:
+        with ThreadPoolExecutor(max_workers=len(TABLES)) as pool:
+            written = list(pool.map(ensure, TABLES.values()))
+    return {rel for rel in written if rel is not None}
+
+
 def is_schema_file(rel: str) -> bool:
     return "-schema-v" in posixpath.basename(rel)
 
@@ -329,14 +363,24 @@ class FileCache:
         self._lock = threading.Lock()
 
     def after_fork(self) -> None:
-        """In a forked child: a fresh lock (a thread of the parent may have held this one)."""
+        """In a forked child: a fresh lock (a thread of the parent may have held this one), and
+        no polars frames: ``read`` would convert them with polars, which can hang after a fork."""
         self._lock = threading.Lock()
+        self._frames = {}
 
     def read(self, storage: Storage, rel: str, schema: pa.Schema) -> pa.Table:
         with self._lock:
             hit = self._tables.get(rel)
+            frame = self._frames.get(rel) if hit is None and not storage.is_local else None
         if hit is not None:
             return hit
+        if frame is not None:
+            # Decoded by polars already (a ranking read it): on an object store, fetching the
+            # file again was a GET per file for the first lookup after a top-k (issue 11).
+            table = conform(frame.to_arrow(), schema)
+            with self._lock:
+                self._tables[rel] = table
+            return table
         with _decoding(rel), storage.open_arrow(rel) as fh:
             table = conform(pq.ParquetFile(fh).read(), schema)
         with self._lock:
@@ -713,7 +757,13 @@ def lookup(storage: Storage, tdef: TableDef, cache: FileCache, rels: list[str], 
     """The rows of ``keys`` from large files (arrays), reading only row groups whose key range
     (min/max statistics) can hold one: ids sort by time, so a lookup touches few row groups."""
     found = []
-    for rel in with_rows(rels):
+    rels = with_rows(rels)
+    if not storage.is_local and len(rels) > 1:
+        # The footers a first lookup needs, one ranged GET each, in flight together rather than
+        # one after another (a partition written on S3 holds a file per durability point).
+        with ThreadPoolExecutor(max_workers=min(len(rels), FETCH_FILES)) as pool:
+            list(pool.map(lambda rel: cache.metadata(storage, rel), rels))
+    for rel in rels:
         meta = cache.metadata(storage, rel)
         groups = [g for g, (low, high) in enumerate(cache.key_ranges(storage, rel, tdef.key)) if any(low <= k <= high for k in keys)]
         if groups:
