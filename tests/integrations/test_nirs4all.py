@@ -70,12 +70,17 @@ def counts(store) -> dict:
     }
 
 
-def chain_ids(store) -> list[str]:
-    """Every chain, in the order its pipeline and it were made."""
-    pipelines = store.list_pipelines().sort("created_at")
-    out = []
-    for pid in pipelines["pipeline_id"].to_list():
-        out += store.get_chains_for_pipeline(pid).sort("created_at")["chain_id"].to_list()
+def chain_ids(store) -> dict[tuple, str]:
+    """Every chain by what it is (its pipeline's name, model, preprocessing, fold strategy and
+    folds): ids differ between runs, and nirs4all's timestamps (to the second) cannot order them."""
+    out = {}
+    for pipeline in store.list_pipelines().iter_rows(named=True):
+        for chain in store.get_chains_for_pipeline(pipeline["pipeline_id"]).iter_rows(named=True):
+            folds = chain["fold_artifacts"]
+            folds = json.loads(folds) if isinstance(folds, str) else folds
+            key = (pipeline["name"], chain["model_class"], chain["preprocessings"], chain["fold_strategy"], tuple(sorted(folds or {})))
+            assert key not in out
+            out[key] = chain["chain_id"]
     return out
 
 
@@ -96,10 +101,10 @@ def observe(engine: str, ws: Path) -> dict:
         obs["store_class"] = type(store).__name__
         obs.update(counts(store))
         chains = chain_ids(store)
-    obs["chain_predictions"] = [
-        np.asarray(nirs4all.predict(chain_id=c, data=X[:6], workspace_path=str(ws), verbose=0, **kw).y_pred).tolist()
-        for c in chains
-    ]
+    obs["chain_predictions"] = {
+        key: np.asarray(nirs4all.predict(chain_id=c, data=X[:6], workspace_path=str(ws), verbose=0, **kw).y_pred).tolist()
+        for key, c in chains.items()
+    }
     bundle = result.export(str(ws.parent / f"{ws.name}.n4a"))
     obs["bundle_prediction"] = np.asarray(nirs4all.predict(model=str(bundle), data=X[:6], verbose=0, **kw).y_pred).tolist()
     obs["ws"] = ws
@@ -162,8 +167,10 @@ def test_reload_top3_equal(sweeps, engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_predict_every_chain_equal(sweeps, engine):
     native, lake = sweeps[engine, "nirs4all"], sweeps[engine, "lake"]
-    assert native["chain_predictions"] and all(len(p) == 6 for p in native["chain_predictions"])
-    np.testing.assert_allclose(lake["chain_predictions"], native["chain_predictions"], rtol=1e-12, atol=0)
+    assert native["chain_predictions"] and all(len(p) == 6 for p in native["chain_predictions"].values())
+    assert lake["chain_predictions"].keys() == native["chain_predictions"].keys()
+    for key, values in native["chain_predictions"].items():
+        np.testing.assert_allclose(lake["chain_predictions"][key], values, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
