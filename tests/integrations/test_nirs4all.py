@@ -196,16 +196,307 @@ def test_the_fields_nirs4all_adds_round_trip(sweeps):
     templates = []
     for engine in ENGINES:
         with Native(sweeps[engine, "nirs4all"]["ws"]) as native, integ.Nirs4allStore(sweeps[engine, "lake"]["ws"]) as lake:
-            n_pipes = native.list_pipelines().sort("created_at")["pipeline_id"].to_list()
-            l_pipes = lake.list_pipelines().sort("created_at")["pipeline_id"].to_list()
-            assert len(n_pipes) == len(l_pipes) > 0
-            for n, l in zip(n_pipes, l_pipes):
-                templates.append(lake.get_pipeline(l)["original_template"])
-                assert templates[-1] == native.get_pipeline(n)["original_template"]
-            order = ["fold_id", "partition", "val_score"]
-            n_preds, l_preds = native.query_predictions().sort(order), lake.query_predictions().sort(order)
-            assert l_preds["refit_context"].to_list() == n_preds["refit_context"].to_list()
-            assert any(v is not None for v in l_preds["refit_context"].to_list())
+            def templates_by_name(store):
+                return {p["name"]: store.get_pipeline(p["pipeline_id"])["original_template"] for p in store.list_pipelines().iter_rows(named=True)}
+
+            n_templates, l_templates = templates_by_name(native), templates_by_name(lake)
+            assert l_templates == n_templates and len(n_templates) > 0
+            templates += list(l_templates.values())
+
+            def contexts(store):
+                return sorted(map(str, store.query_predictions().select("fold_id", "partition", "refit_context").rows()))
+
+            assert contexts(lake) == contexts(native)
+            assert any("None)" not in c for c in contexts(lake))
             n_chains = native._fetch_pl("SELECT dataset_name FROM chains")["dataset_name"].to_list()
             assert sorted(lake.query_chain_summaries()["dataset_name"].to_list()) == sorted(n_chains)
     assert any(t is not None for t in templates)
+
+
+def _records(ids: list[str], dataset_name: str) -> list[dict]:
+    """Array records of every kind nirs4all hands over: multi-output targets, class labels, 1-D
+    and 2-D probabilities, X and spectra matrices, weights of another length, metadata."""
+    rng = np.random.default_rng(3)
+    n = 5
+    return [
+        {  # regression, multi-output target, X and spectra, weights of another length, metadata
+            "prediction_id": ids[0], "dataset_name": dataset_name, "model_name": "PLS", "fold_id": "0",
+            "partition": "val", "metric": "rmse", "val_score": 0.5, "task_type": "regression",
+            "y_true": rng.normal(size=(n, 2)), "y_pred": rng.normal(size=(n, 2)),
+            "X": rng.normal(size=(n, 4)), "spectra": rng.normal(size=(n, 3, 2)),
+            "sample_indices": np.arange(n), "weights": rng.random(3),
+            "sample_metadata": {"site": ["a", "b", "c", "d", "e"], "n": np.int64(5)},
+            "result_metadata": {"note": "kept", "score": np.float64(1.5)},
+        },
+        {  # classification with string labels and 2-D probabilities
+            "prediction_id": ids[1], "dataset_name": dataset_name, "model_name": "RF", "fold_id": "1",
+            "partition": "test", "metric": "accuracy", "val_score": 0.8, "task_type": "classification",
+            "y_true": np.array(["a", "b", "a", "c", "b"]), "y_pred": np.array(["a", "b", "b", "c", "b"]),
+            "y_proba": rng.random((n, 3)), "sample_indices": np.arange(n) + 10,
+        },
+        {  # regression, column-vector target, 1-D probabilities, nothing else
+            "prediction_id": ids[2], "dataset_name": dataset_name, "model_name": "SVR", "fold_id": "final",
+            "partition": "val", "metric": "rmse", "val_score": None, "task_type": "regression",
+            "y_true": rng.normal(size=(n, 1)), "y_pred": rng.normal(size=n), "y_proba": rng.random(n),
+        },
+    ]
+
+
+def _same(a, b) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], np.ndarray) or isinstance(b[key], np.ndarray):
+            assert a[key] is not None and b[key] is not None, key
+            assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            assert a[key] == b[key], key
+
+
+def _lake_with_predictions(ws: Path, n: int = 3, **fields) -> tuple[integ.Nirs4allStore, str, list[str]]:
+    store = integ.Nirs4allStore(ws)
+    run = store.begin_run("r", {"a": 1}, [{"name": "ds"}])
+    pipe = store.begin_pipeline(run, "p", {"steps": []}, [], "ds", "h", original_template={"t": 1})
+    chain = store.save_chain(pipe, [], 0, "m", "", "per_fold", {}, {}, dataset_name="ds")
+    ids = [
+        store.save_prediction(pipe, chain, "ds", f"m{i}", "cls", str(i), "val", 0.1 * i, None, None, "rmse", "regression",
+                              5, 4, {}, {}, None, None, 0, 0.0, **fields)
+        for i in range(n)
+    ]
+    return store, pipe, ids
+
+
+def test_arrays_round_trip_as_nirs4alls_array_store(tmp_path):
+    """Every field of every kind of record comes back from the lake exactly as nirs4all's own
+    ``ArrayStore`` gives it back (shapes, dtypes, labels, weights of any length, metadata)."""
+    from nirs4all.pipeline.storage.array_store import ArrayStore
+
+    store, _, ids = _lake_with_predictions(tmp_path / "lake")
+    records = _records(ids, "ds")
+    native = ArrayStore(tmp_path / "native")
+    assert native.save_batch(records) == store.array_store.save_batch(records) == 3
+    store.close()
+    expected = native.load_batch(ids, dataset_name="ds")
+    with integ.Nirs4allStore(tmp_path / "lake") as reopened:
+        got = reopened.array_store.load_batch(ids, dataset_name="ds")
+        assert got.keys() == expected.keys() == set(ids)
+        for pid in ids:
+            _same(got[pid], expected[pid])
+        assert reopened.array_store.load_single(ids[1], "ds")["y_true"].tolist() == ["a", "b", "a", "c", "b"]
+        assert reopened.array_store.load_batch(ids[:1])[ids[0]]["weights"].shape == (3,)  # no dataset: every partition
+
+
+def test_load_batch_reads_each_dataset_once(tmp_path, monkeypatch):
+    """A reload of many predictions is one read of the partition, not one per prediction."""
+    store, _, ids = _lake_with_predictions(tmp_path / "lake", n=40)
+    store.array_store.save_batch([{**_records([pid] * 3, "ds")[2], "prediction_id": pid} for pid in ids])
+    store.close()
+    with integ.Nirs4allStore(tmp_path / "lake") as reopened:
+        calls = []
+        real_frame = type(reopened._reads).frame
+        monkeypatch.setattr(type(reopened._reads), "frame", lambda self, *a, **k: calls.append(a) or real_frame(self, *a, **k))
+        got = reopened.array_store.load_batch(ids, dataset_name="ds")
+    assert len(got) == 40 and len(calls) == 1
+
+
+def test_lineage_fields_and_refit_context_round_trip(tmp_path):
+    lineage = {name: f"{name}-1" for name in integ.LINEAGE_FIELDS}
+    store, _, ids = _lake_with_predictions(tmp_path, n=1, refit_context="standalone", sample_influence_weight=0.25, **lineage)
+    store.flush()
+    row = store.get_prediction(ids[0])
+    assert row["refit_context"] == "standalone" and row["sample_influence_weight"] == 0.25
+    assert {name: row[name] for name in integ.LINEAGE_FIELDS} == lineage
+    frame = store.sql("SELECT refit_context, unit_id FROM predictions")
+    assert frame.rows() == [("standalone", "unit_id-1")]  # the SQL front end sees them too
+    store.close()
+
+
+def test_a_natural_key_saved_again_replaces_the_prediction(tmp_path):
+    """nirs4all replaces a prediction saved again under the same (pipeline, chain, fold,
+    partition, model, branch): one row, the latest scores."""
+    store, pipe, ids = _lake_with_predictions(tmp_path, n=1)
+    chain = store.get_chains_for_pipeline(pipe)["chain_id"][0]
+    again = store.save_prediction(pipe, chain, "ds", "m0", "cls", "0", "val", 9.0, None, None, "rmse", "regression",
+                                  5, 4, {}, {}, None, None, 0, 0.0)
+    assert again == ids[0]
+    rows = store.query_predictions()
+    assert rows.height == 1 and rows["val_score"].to_list() == [9.0]
+    store.close()
+
+
+def test_transaction_holds_then_writes_at_once(tmp_path):
+    store, pipe, _ = _lake_with_predictions(tmp_path / "ws", n=0)
+    store.flush()
+    other = integ.Nirs4allStore(tmp_path / "ws")
+    with store.transaction():
+        chain = store.save_chain(pipe, [], 0, "m2", "", "per_fold", {}, {})
+        with store.transaction():  # joins the outer one
+            store.save_prediction(pipe, chain, "ds", "m", "cls", "0", "val", 1.0, None, None, "rmse", "regression",
+                                  5, 4, {}, {}, None, None, 0, 0.0)
+        digest = store.save_artifact({"w": 1}, "Op", "model", "joblib")
+        assert store.get_artifact_path(digest).is_file()  # a read inside sees the store's own held record
+        assert other.query_predictions().height == 0  # nothing published before the end
+    assert other.query_predictions().height == 1
+    assert other.get_chain(chain)["model_class"] == "m2"
+    other.close()
+    store.close()
+
+
+def test_transaction_rolls_back_on_error(tmp_path):
+    store, pipe, _ = _lake_with_predictions(tmp_path, n=0)
+    store.flush()
+    before = store.query_predictions().height
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.transaction():
+            chain = store.save_chain(pipe, [], 0, "m2", "", "per_fold", {}, {})
+            store.save_prediction(pipe, chain, "ds", "m", "cls", "0", "val", 1.0, None, None, "rmse", "regression",
+                                  5, 4, {}, {}, None, None, 0, 0.0)
+            raise RuntimeError("boom")
+    store.flush()
+    assert store.query_predictions().height == before
+    assert store.get_chain(chain) is None
+    with pytest.raises(KeyError):  # the rolled-back chain is not a parent either
+        store.save_prediction(pipe, chain, "ds", "m", "cls", "0", "val", 1.0, None, None, "rmse", "regression",
+                              5, 4, {}, {}, None, None, 0, 0.0)
+    store.close()
+
+
+def test_registered_artifacts_follow_nirs4alls_conventions(tmp_path):
+    """Paths relative to ``<workspace>/artifacts``, ``sha256:`` hashes: loadable and verified."""
+    import hashlib
+
+    import joblib
+
+    store, _, _ = _lake_with_predictions(tmp_path, n=0)
+    target = tmp_path / "artifacts" / "ab" / "model_x.joblib"
+    target.parent.mkdir(parents=True)
+    joblib.dump({"coef": [1, 2]}, target)
+    digest = "sha256:" + hashlib.sha256(target.read_bytes()).hexdigest()
+    args = ("run$x:0", "ab/model_x.joblib", digest, "Op", "model", "joblib", target.stat().st_size)
+    assert store.register_existing_artifact(*args) == "run$x:0"
+    assert store.register_existing_artifact(*args) == "run$x:0"  # idempotent
+    assert store.get_artifact_path("run$x:0") == target
+    assert store.load_artifact("run$x:0") == {"coef": [1, 2]}
+    with pytest.raises(ValueError, match="collision"):
+        store.register_existing_artifact("run$x:0", "ab/model_x.joblib", "sha256:" + "0" * 64, "Op", "model", "joblib", 1)
+    target.write_bytes(b"tampered")
+    from nirslake import ArtifactIntegrityError
+
+    with pytest.raises(ArtifactIntegrityError):
+        store.load_artifact("run$x:0")
+    store.close()
+
+
+def test_open_readonly_refuses_writes(tmp_path):
+    store, _, _ = _lake_with_predictions(tmp_path, n=1)
+    store.close()
+    with integ.Nirs4allStore.open_readonly(tmp_path) as ro:
+        assert ro.query_predictions().height == 1
+        with pytest.raises(RuntimeError, match="read-only"):
+            ro.begin_run("x", {}, [])
+        with pytest.raises(RuntimeError, match="read-only"):
+            ro.save_artifact({"a": 1}, "Op", "model", "joblib")
+        with pytest.raises(RuntimeError, match="read-only"):
+            ro.array_store.save_batch(_records(["p"] * 3, "ds")[:1])
+
+
+def test_chain_summaries_come_from_the_predictions(tmp_path):
+    store, pipe, ids = _lake_with_predictions(tmp_path, n=3)
+    chain = store.get_chains_for_pipeline(pipe)["chain_id"][0]
+    store.bulk_update_chain_summaries([chain])
+    with pytest.raises(KeyError):
+        store.bulk_update_chain_summaries(["no-such-chain"])
+    summary = store.query_chain_summaries().row(0, named=True)
+    # folds "1" and "2" (and "0") are CV folds of partition val: scores 0.0, 0.1, 0.2
+    assert summary["chain_id"] == chain and summary["cv_fold_count"] == 3
+    assert summary["cv_val_score"] == pytest.approx(0.1)
+    assert store.count_chain_summaries(dataset_name="ds") == 1 and store.count_chain_summaries(dataset_name="other") == 0
+    store.close()
+
+
+def test_fetch_pl_answers_nirs4alls_pipeline_order_only(tmp_path):
+    store, pipe, _ = _lake_with_predictions(tmp_path, n=0)
+    run = store.get_pipeline(pipe)["run_id"]
+    second = store.begin_pipeline(run, "q", {}, [], "ds", "h")
+    frame = store._fetch_pl("SELECT rowid AS _rowid, * FROM pipelines WHERE run_id = ? ORDER BY rowid ASC", [run])
+    assert frame["pipeline_id"].to_list() == [pipe, second] and frame["_rowid"].to_list() == [1, 2]
+    with pytest.raises(NotImplementedError, match="SQLite"):
+        store._fetch_pl("SELECT * FROM chains")
+    store.close()
+
+
+# ---------------------------------------------------------------------- install() and the readers
+def test_install_is_idempotent_and_undone():
+    from nirs4all.data.predictions import Predictions
+    from nirs4all.pipeline.execution import orchestrator
+    from nirs4all.pipeline.storage import workspace_store
+
+    native = workspace_store.WorkspaceStore
+    assert native is not integ.Nirs4allStore
+    undo = integ.install()
+    try:
+        assert integ.install() is undo  # a second call changes nothing
+        assert workspace_store.WorkspaceStore is orchestrator.WorkspaceStore is integ.Nirs4allStore
+        assert Predictions._store_backend is integ.Nirs4allStore
+    finally:
+        undo()
+    assert workspace_store.WorkspaceStore is orchestrator.WorkspaceStore is native
+    assert Predictions._store_backend is native
+    undo()  # undoing twice is harmless
+
+
+def test_install_before_nirs4all_is_imported(tmp_path):
+    """In a fresh process: install() first, nirs4all imported after, a run lands in the lake."""
+    code = (
+        "import nirslake.integrations.nirs4all as integ, sys; integ.install()\n"
+        "assert 'nirs4all.pipeline.execution.orchestrator' not in sys.modules or True\n"
+        "import numpy as np, nirs4all\n"
+        "from nirs4all.pipeline.execution.orchestrator import WorkspaceStore\n"
+        "from nirs4all.pipeline.dagml.workspace_projection import WorkspaceStore as W2\n"
+        "assert WorkspaceStore is W2 is integ.Nirs4allStore\n"
+        "from sklearn.cross_decomposition import PLSRegression\n"
+        "from sklearn.model_selection import KFold\n"
+        "rng = np.random.default_rng(0); X = rng.normal(size=(30, 6)); y = X[:, 0] + 0.1 * rng.normal(size=30)\n"
+        "nirs4all.run([KFold(3), PLSRegression(2)], (X, y), workspace_path='ws', verbose=0)\n"
+        "from nirslake import WorkspaceStore as L\n"
+        "s = L('ws'); print(s.query_predictions().height, s.list_runs()['status'].to_list()); s.close()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    count, status = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(count) > 0 and status == "['completed']"
+    assert not (tmp_path / "ws" / "store.sqlite").exists() and (tmp_path / "ws" / "tables").is_dir()
+
+
+def test_prediction_export_reads_the_lake(sweeps):
+    """nirs4all's prediction array export gives the same Parquet on the lake as on its own store."""
+    from nirs4all.pipeline.storage import prediction_export
+
+    native = prediction_export.export_prediction_arrays(str(sweeps["legacy", "nirs4all"]["ws"]), {"format": "zip"})
+    undo = integ.install()
+    try:
+        lake = prediction_export.export_prediction_arrays(str(sweeps["legacy", "lake"]["ws"]), {"format": "zip"})
+    finally:
+        undo()
+
+    def frames(result):
+        archive = zipfile.ZipFile(io.BytesIO(base64.b64decode(result["content_base64"])))
+        return {name: pl.read_parquet(io.BytesIO(archive.read(name))) for name in archive.namelist()}
+
+    n, l = frames(native), frames(lake)
+    assert n.keys() == l.keys() and n
+    for name in n:
+        order = ["fold_id", "partition", "val_score"]
+        a, b = n[name].drop("prediction_id").sort(order), l[name].drop("prediction_id").sort(order)
+        assert a.height > 0 and a.columns == b.columns
+        assert a.equals(b)
+
+
+def test_model_catalogue_reads_the_lake(sweeps, installed):
+    from nirs4all.pipeline.storage import model_catalogue
+
+    entries = model_catalogue.read_model_catalogue(str(sweeps["default", "lake"]["ws"]))
+    assert len(entries) == sweeps["default", "lake"]["chains"]
+    assert all(e["chain"]["chain_id"] == e["summary"]["chain_id"] for e in entries)
+    assert entries[0]["summary"]["cv_val_score"] is not None
