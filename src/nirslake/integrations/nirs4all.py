@@ -73,6 +73,9 @@ class Nirs4allStore(WorkspaceStore):
         # (pipeline, chain, fold, partition, model, branch) -> prediction id: nirs4all replaces a
         # prediction saved again under the same natural key; the lake keeps its latest version.
         self._natural: dict[tuple, str] = {}
+        # Per-table indexes of the current rows, valid while the table's files (and the
+        # deletions) are the same: a reload asks for each pipeline and its chains in turn.
+        self._indexes: dict[tuple[str, str], tuple[tuple, dict]] = {}
 
     @classmethod
     def open_readonly(cls, workspace_path: str | os.PathLike) -> Nirs4allStore:
@@ -175,11 +178,42 @@ class Nirs4allStore(WorkspaceStore):
             self._buffer("pipelines", row)
             return row["pipeline_id"]
 
+    def _index(self, tdef: S.TableDef, column: str) -> dict:
+        """``{value of column: current rows}`` of ``tdef``, rebuilt only when its files or the
+        deletions changed (each call still lists the lake, so it sees every new file)."""
+        snap = self._reads.snapshot(tables=(tdef.name,))
+        stamp = (tuple(snap.table_files(tdef)), tuple(snap.table_files(S.DELETIONS)))
+        cached = self._indexes.get((tdef.name, column))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        frame = self._reads.frame(tdef, snap=snap).collect()
+        if "created_at" in frame.columns:
+            frame = frame.sort(["created_at", tdef.key])
+        index = {key[0]: part for key, part in frame.partition_by(column, as_dict=True, maintain_order=True).items()}
+        self._indexes[(tdef.name, column)] = (stamp, index)
+        return index
+
     def get_pipeline(self, pipeline_id: str) -> dict | None:
-        row = super().get_pipeline(pipeline_id)
-        if row is not None:
-            records.decoded(row, ("original_template",))
-        return row
+        """The pipeline as a dict (JSON fields decoded, ``original_template`` too), or None."""
+        V.text("pipeline_id", pipeline_id, allow_none=False)
+        with self._lock:
+            self._check_open()
+            found = self._index(S.PIPELINES, "pipeline_id").get(pipeline_id)
+        if found is None:
+            return None
+        row = found.row(0, named=True)
+        row.pop("_version", None)
+        return records.decoded(row, (*records.PIPELINE_JSON, "original_template"))
+
+    def get_chains_for_pipeline(self, pipeline_id: str) -> pl.DataFrame:
+        """The pipeline's chains, in creation order."""
+        V.text("pipeline_id", pipeline_id, allow_none=False)
+        with self._lock:
+            self._check_open()
+            found = self._index(S.CHAINS, "pipeline_id").get(pipeline_id)
+        if found is None:
+            return public(self._reads.frame(S.CHAINS).head(0).collect())
+        return public(found)
 
     # ------------------------------------------------------------------ chains
     def save_chain(
