@@ -48,7 +48,7 @@ print(json.dumps({"run_s": elapsed, "best": result.cv_best_score}))
 RELOAD = r"""
 import json, sys, time, warnings
 warnings.filterwarnings("ignore")
-import nirs4all
+import nirs4all, nirs4all.pipeline.storage  # registers the store Predictions opens (import nirs4all alone does not)
 from nirs4all.data.predictions import Predictions
 store, ws = sys.argv[1], sys.argv[2]
 if store == "nirslake":

@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ class Nirs4allStore(WorkspaceStore):
         self._natural: dict[tuple, str] = {}
         # Per-table indexes of the current rows, valid while the table's files (and the
         # deletions) are the same: a reload asks for each pipeline and its chains in turn.
-        self._indexes: dict[tuple[str, str], tuple[tuple, dict]] = {}
+        self._indexes: dict[str, tuple[float, int, tuple, dict]] = {}
 
     @classmethod
     def open_readonly(cls, workspace_path: str | os.PathLike) -> Nirs4allStore:
@@ -178,19 +179,29 @@ class Nirs4allStore(WorkspaceStore):
             self._buffer("pipelines", row)
             return row["pipeline_id"]
 
-    def _index(self, tdef: S.TableDef, column: str) -> dict:
-        """``{value of column: current rows}`` of ``tdef``, rebuilt only when its files or the
-        deletions changed (each call still lists the lake, so it sees every new file)."""
+    # A reload asks for each pipeline and its chains in turn: one listing serves the calls of
+    # that burst (at most this old, and never across a write of this store).
+    INDEX_LISTING_SECONDS = 0.25
+
+    def _index(self, tdef: S.TableDef) -> dict:
+        """``{pipeline_id: rows}`` (chains) or ``{pipeline_id: row dict}`` (pipelines) of the
+        current rows, rebuilt only when the table's files or the deletions changed."""
+        now = time.monotonic()
+        cached = self._indexes.get(tdef.name)
+        if cached is not None and cached[1] == self._storage.generation and now - cached[0] < self.INDEX_LISTING_SECONDS:
+            return cached[3]
         snap = self._reads.snapshot(tables=(tdef.name,))
         stamp = (tuple(snap.table_files(tdef)), tuple(snap.table_files(S.DELETIONS)))
-        cached = self._indexes.get((tdef.name, column))
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        frame = self._reads.frame(tdef, snap=snap).collect()
-        if "created_at" in frame.columns:
-            frame = frame.sort(["created_at", tdef.key])
-        index = {key[0]: part for key, part in frame.partition_by(column, as_dict=True, maintain_order=True).items()}
-        self._indexes[(tdef.name, column)] = (stamp, index)
+        if cached is not None and cached[2] == stamp:
+            index = cached[3]
+        else:
+            frame = public(self._reads.frame(tdef, snap=snap).collect())
+            if tdef is S.PIPELINES:
+                index = {row["pipeline_id"]: row for row in frame.to_dicts()}
+            else:
+                frame = frame.sort(["created_at", tdef.key])
+                index = {key[0]: part for key, part in frame.partition_by("pipeline_id", as_dict=True, maintain_order=True).items()}
+        self._indexes[tdef.name] = (now, self._storage.generation, stamp, index)
         return index
 
     def get_pipeline(self, pipeline_id: str) -> dict | None:
@@ -198,22 +209,20 @@ class Nirs4allStore(WorkspaceStore):
         V.text("pipeline_id", pipeline_id, allow_none=False)
         with self._lock:
             self._check_open()
-            found = self._index(S.PIPELINES, "pipeline_id").get(pipeline_id)
+            found = self._index(S.PIPELINES).get(pipeline_id)
         if found is None:
             return None
-        row = found.row(0, named=True)
-        row.pop("_version", None)
-        return records.decoded(row, (*records.PIPELINE_JSON, "original_template"))
+        return records.decoded(dict(found), (*records.PIPELINE_JSON, "original_template"))
 
     def get_chains_for_pipeline(self, pipeline_id: str) -> pl.DataFrame:
         """The pipeline's chains, in creation order."""
         V.text("pipeline_id", pipeline_id, allow_none=False)
         with self._lock:
             self._check_open()
-            found = self._index(S.CHAINS, "pipeline_id").get(pipeline_id)
+            found = self._index(S.CHAINS).get(pipeline_id)
         if found is None:
             return public(self._reads.frame(S.CHAINS).head(0).collect())
-        return public(found)
+        return found
 
     # ------------------------------------------------------------------ chains
     def save_chain(

@@ -102,10 +102,10 @@ def _meta(text: str | None) -> dict:
         return {}
 
 
-def nirs4all_arrays(row: dict) -> dict[str, Any]:
+def nirs4all_arrays(row: dict, decode_target_array: Any = None) -> dict[str, Any]:
     """A lake row back as nirs4all's ``load_batch`` gives it."""
-    from nirs4all.data._predictions.target_codec import decode_target_array
-
+    if decode_target_array is None:
+        from nirs4all.data._predictions.target_codec import decode_target_array
     arrays: dict[str, Any] = {}
     for field in ("y_true", "y_pred"):
         encoded = row.get(f"{field}_labels")
@@ -170,8 +170,10 @@ class LakeArrayStore:
         with store._lock:
             store._check_open()
             frame = self._frame(dataset_name)
+        from nirs4all.data._predictions.target_codec import decode_target_array
+
         wanted = frame.filter(pl.col("prediction_id").is_in(list(set(prediction_ids))))
-        return {row["prediction_id"]: nirs4all_arrays(row) for row in wanted.iter_rows(named=True)}
+        return {row["prediction_id"]: nirs4all_arrays(row, decode_target_array) for row in wanted.iter_rows(named=True)}
 
     def load_single(self, prediction_id: str, dataset_name: str | None = None) -> dict[str, Any] | None:
         return self.load_batch([prediction_id], dataset_name=dataset_name).get(prediction_id)
