@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from ..api import records
 from ..api import validation as V
+from ..api.known import Recent
 from ..api.reads import public
 from ..lake import artifacts as art
 from ..lake import schema as S
@@ -77,6 +79,9 @@ class Nirs4allStore(WorkspaceStore):
         # Per-table indexes of the current rows, valid while the table's files (and the
         # deletions) are the same: a reload asks for each pipeline and its chains in turn.
         self._indexes: dict[str, tuple[float, int, tuple, dict]] = {}
+        # The chains this store saved, by pipeline: nirs4all reads a pipeline's chains right after
+        # saving them, which this answers without publishing (one file per pipeline otherwise).
+        self._own_chains: Recent = Recent(10_000)
 
     @classmethod
     def open_readonly(cls, workspace_path: str | os.PathLike) -> Nirs4allStore:
@@ -120,7 +125,8 @@ class Nirs4allStore(WorkspaceStore):
             self._check_open()
             mark = self._writer.hold()
             self._tx_depth = 1
-            known = (dict(self._known.pipelines), dict(self._known.chains), set(self._known.artifacts), dict(self._natural))
+            known = (dict(self._known.pipelines), dict(self._known.chains), set(self._known.artifacts), dict(self._natural),
+                 {pid: len(rows) for pid, rows in self._own_chains.items()})
             try:
                 yield
             except BaseException:
@@ -133,7 +139,12 @@ class Nirs4allStore(WorkspaceStore):
             self._writer.commit()
 
     def _forget_since(self, known: tuple) -> None:
-        pipelines, chains, artifacts, natural = known
+        pipelines, chains, artifacts, natural, own_chains = known
+        for pid in list(self._own_chains):
+            if pid in own_chains:
+                del self._own_chains[pid][own_chains[pid]:]
+            else:
+                del self._own_chains[pid]
         for pid in [p for p in self._known.pipelines if p not in pipelines]:
             del self._known.pipelines[pid]
         for cid in [c for c in self._known.chains if c not in chains]:
@@ -177,6 +188,7 @@ class Nirs4allStore(WorkspaceStore):
             row["original_template"] = V.json_field(loose_json(original_template), "original_template")
             self._known.pipelines[row["pipeline_id"]] = row
             self._buffer("pipelines", row)
+            self._own_chains[row["pipeline_id"]] = []
             return row["pipeline_id"]
 
     # A reload asks for each pipeline and its chains in turn: one listing serves the calls of
@@ -215,10 +227,15 @@ class Nirs4allStore(WorkspaceStore):
         return records.decoded(dict(found), (*records.PIPELINE_JSON, "original_template"))
 
     def get_chains_for_pipeline(self, pipeline_id: str) -> pl.DataFrame:
-        """The pipeline's chains, in creation order."""
+        """The pipeline's chains, in creation order. For a pipeline this store began, the chains
+        it saved (only its maker saves a pipeline's chains: nirs4all's ids are fresh uuids)."""
         V.text("pipeline_id", pipeline_id, allow_none=False)
         with self._lock:
             self._check_open()
+            own = self._own_chains.get(pipeline_id)
+            if own is not None and pipeline_id in self._known.pipelines:
+                table = pa.Table.from_pylist(own, schema=S.CHAINS.schema)
+                return public(pl.from_arrow(table))
             found = self._index(S.CHAINS).get(pipeline_id)
         if found is None:
             return public(self._reads.frame(S.CHAINS).head(0).collect())
@@ -262,6 +279,8 @@ class Nirs4allStore(WorkspaceStore):
             row["relation_replay_fingerprint"] = None if payload is None or payload.get("fingerprint") is None else str(payload["fingerprint"])
             self._known.chains[row["chain_id"]] = pipeline_id
             self._buffer("chains", row)
+            if pipeline_id in self._own_chains:
+                self._own_chains[pipeline_id].append(row)
             return row["chain_id"]
 
     def get_chain(self, chain_id: str) -> dict | None:
@@ -384,18 +403,32 @@ class Nirs4allStore(WorkspaceStore):
         """Record a file nirs4all wrote itself: ``path`` is relative to ``<workspace>/artifacts``
         (or absolute); ``content_hash`` is ``sha256:<hex>`` or the bare digest. Registering an id
         again with other content or format is refused, as nirs4all refuses it."""
-        path = os.fspath(path)
+        V.text("artifact_id", artifact_id, allow_none=False)
+        path = V.text("path", os.fspath(path), allow_none=False)
         rel = path if (os.path.isabs(path) or "://" in path) else f"artifacts/{path}"
         with self._lock:
             self._check_open()
             existing = self._own_artifact(artifact_id)
             if existing is None and artifact_id not in self._known.artifacts:
-                existing = self._reads.row(S.ARTIFACTS, artifact_id)
+                # What this store recorded is in memory (known.artifacts); the lake is read without
+                # publishing first, so each registration does not publish a file per table.
+                snap = self._reads.snapshot(publish=False, tables=("artifacts",))
+                existing = self._reads.row(S.ARTIFACTS, artifact_id, snap=snap)
             if existing is not None:
                 if art.bare_hash(existing["content_hash"]) != art.bare_hash(content_hash) or existing["format"] != format:
                     raise ValueError(f"Artifact identity collision for {artifact_id!r}: fitted content differs")
                 return artifact_id
-            return super().register_existing_artifact(artifact_id, rel, content_hash, operator_class, artifact_type, format, size_bytes)
+            full = rel if art.is_external(rel) else self._storage.path(rel)
+            inside = full.split("://", 1)[-1].startswith(self._storage.root.rstrip("/") + "/")
+            stored_path = self._storage.relative(full) if inside else full
+            self._buffer(
+                "artifacts",
+                records.registered_artifact_row(
+                    artifact_id, stored_path, content_hash, operator_class, artifact_type, format, size_bytes
+                ),
+            )
+            self._known.artifacts.add(artifact_id)
+            return artifact_id
 
     def _own_artifact(self, artifact_id: str) -> dict | None:
         """The artifact's record when this store holds it unpublished (inside a transaction)."""
