@@ -500,3 +500,69 @@ def test_model_catalogue_reads_the_lake(sweeps, installed):
     assert len(entries) == sweeps["default", "lake"]["chains"]
     assert all(e["chain"]["chain_id"] == e["summary"]["chain_id"] for e in entries)
     assert entries[0]["summary"]["cv_val_score"] is not None
+
+
+# ---------------------------------------------------------------------- many machines, one lake
+def _worker(ws: Path, engine: str, name: str, out: Path, start: Path | None, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    args = [sys.executable, str(Path(__file__).resolve().parents[1] / "_nirs4all_worker.py"), str(ws), engine, name, str(out)]
+    return subprocess.Popen(args + ([str(start)] if start else []), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_sweep_into_one_workspace(tmp_path):
+    """A default-engine sweep and a legacy-engine sweep write one workspace at once; afterwards
+    every prediction of both is there, as each would have written it alone."""
+    alone = {}
+    for engine in ENGINES:  # each sweep alone, for what it must give
+        out = tmp_path / f"alone_{engine}.json"
+        _finish(_worker(tmp_path / f"alone_{engine}", engine, f"sweep-{engine}", out, None, tmp_path))
+        alone[engine] = [p[:5] for p in json.loads(out.read_text())["predictions"]]
+        assert alone[engine]
+    shared, start = tmp_path / "shared", tmp_path / "go"
+    procs = {e: _worker(shared, e, f"sweep-{e}", tmp_path / f"shared_{e}.json", start, tmp_path) for e in ENGINES}
+    start.touch()
+    for proc in procs.values():
+        _finish(proc)
+    from nirslake import WorkspaceStore
+
+    with WorkspaceStore(shared) as store:
+        runs = store.list_runs()
+        assert runs.height == 2
+        assert runs["status"].to_list() == ["completed"] * 2
+        everything = store.query_predictions()
+        for engine in ENGINES:
+            reported = json.loads((tmp_path / f"shared_{engine}.json").read_text())
+            run_id = runs.filter(pl.col("name").str.starts_with(f"sweep-{engine}"))["run_id"].item()
+            rows = everything.filter(pl.col("run_id") == run_id)
+            got = sorted([r["fold_id"], r["partition"], r["model_name"], r["preprocessings"], r["val_score"]] for r in rows.iter_rows(named=True))
+            assert got == alone[engine]  # every prediction, with the score it has when run alone
+            assert sorted(rows["prediction_id"].to_list()) == sorted(p[5] for p in reported["predictions"])
+        assert everything.height == sum(len(v) for v in alone.values())
+        problems = store.check().problems
+    # The legacy engine records every variant's artifacts but writes only the winner's bytes (its
+    # own store holds the same records without files): the concurrent runs add no other problem.
+    expected = 0
+    for engine in ENGINES:
+        with WorkspaceStore(tmp_path / f"alone_{engine}") as alone_store:
+            expected += len(alone_store.check().problems)
+    assert len(problems) == expected and all("its bytes are missing" in p for p in problems)
+
+
+def test_nirs4alls_artifact_registry_keeps_the_lakes_files(sweeps, installed):
+    """nirs4all's registry protects the files its store's records name before deleting orphans;
+    it reads them from ``store.sqlite``. On the lake it must count the lake's records instead."""
+    from nirs4all.pipeline.storage.artifacts.artifact_registry import ArtifactRegistry
+
+    ws = sweeps["legacy", "lake"]["ws"]
+    files = {p.relative_to(ws / "artifacts").as_posix() for p in (ws / "artifacts").rglob("*.joblib")}
+    assert files
+    registry = ArtifactRegistry(ws, dataset="x")
+    assert files <= registry._scan_all_manifest_references()
+    integ.uninstall()  # nirs4all's own scan: the lake's files look like orphans
+    assert not files & registry._scan_all_manifest_references()

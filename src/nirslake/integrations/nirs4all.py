@@ -19,6 +19,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,13 @@ from ..lake import artifacts as art
 from ..lake import schema as S
 from ..store import WorkspaceStore
 from .nirs4all_arrays import LakeArrayStore
-from .nirs4all_readers import chain_summaries, export_prediction_arrays, load_general_workspace_chain, read_model_catalogue
+from .nirs4all_readers import (
+    chain_summaries,
+    export_prediction_arrays,
+    load_general_workspace_chain,
+    protecting_lake_artifacts,
+    read_model_catalogue,
+)
 
 TESTED_VERSION = "1.4.10"
 
@@ -56,6 +63,14 @@ def _relation_payload(value: Any) -> dict | None:
     from nirs4all.pipeline.storage.workspace_store import _relation_replay_manifest_payload
 
     return _relation_replay_manifest_payload(value)
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def live_stores() -> list:
+    """The open ``Nirs4allStore`` objects of this process."""
+    return [s for s in list(_LIVE) if not s._closed]
 
 
 class Nirs4allStore(WorkspaceStore):
@@ -82,6 +97,7 @@ class Nirs4allStore(WorkspaceStore):
         # The chains this store saved, by pipeline: nirs4all reads a pipeline's chains right after
         # saving them, which this answers without publishing (one file per pipeline otherwise).
         self._own_chains: Recent = Recent(10_000)
+        _LIVE.add(self)
 
     @classmethod
     def open_readonly(cls, workspace_path: str | os.PathLike) -> Nirs4allStore:
@@ -505,6 +521,7 @@ def _targets() -> list[tuple[object, str, object]]:
     import nirs4all.pipeline.storage.prediction_export as prediction_export
     import nirs4all.pipeline.storage.workspace_store as workspace_store
     from nirs4all.data.predictions import Predictions
+    from nirs4all.pipeline.storage.artifacts import artifact_registry
 
     native = native_store()
     if workspace_store.WorkspaceStore is Nirs4allStore:
@@ -516,7 +533,9 @@ def _targets() -> list[tuple[object, str, object]]:
             targets.append((module, "WorkspaceStore", Nirs4allStore))
     if Predictions.__dict__.get("_store_backend") in (None, native):
         targets.append((Predictions, "_store_backend", Nirs4allStore))
+    registry = artifact_registry.ArtifactRegistry
     targets += [
+        (registry, "_scan_all_manifest_references", protecting_lake_artifacts(registry.__dict__["_scan_all_manifest_references"])),
         (general_workspace, "load_general_workspace_chain", load_general_workspace_chain),
         (model_catalogue, "read_model_catalogue", read_model_catalogue),
         (prediction_export, "export_prediction_arrays", export_prediction_arrays),

@@ -18,6 +18,8 @@ from typing import Any
 
 import polars as pl
 
+from ..lake import schema as S
+
 # nirs4all's fold ids that are not cross-validation folds.
 NOT_CV = ("final", "avg", "w_avg", "final_agg", "fold_final", "fold_avg", "fold_w_avg")
 
@@ -197,5 +199,41 @@ def export_prediction_arrays(workspace_path: str, request: dict[str, Any]) -> di
     return {"filename": filename, "media_type": media_type, "content_base64": base64.b64encode(content).decode("ascii")}
 
 
-__all__ = ["load_general_workspace_chain", "read_model_catalogue", "export_prediction_arrays", "chain_summaries"]
 
+
+
+def lake_artifact_paths(workspace_path: Any) -> set[str]:
+    """Every artifact file the lake's records point at, relative to ``<workspace>/artifacts`` (as
+    nirs4all's artifact registry names its files), including what stores of this process hold
+    unpublished."""
+    from .nirs4all import live_stores
+
+    prefix = "artifacts/"
+    paths = set()
+    with _open(workspace_path) as store:
+        frame = store._reads.frame(S.ARTIFACTS).collect()
+        paths.update(frame["path"].to_list())
+        root = store.storage.root
+    for other in live_stores():
+        if other.storage.root == root:
+            paths.update(row["path"] for row in other._writer.buffered("artifacts"))
+    return {p[len(prefix):] for p in paths if isinstance(p, str) and p.startswith(prefix)}
+
+
+def protecting_lake_artifacts(original: Any) -> Any:
+    """nirs4all's ``ArtifactRegistry._scan_all_manifest_references`` (what it must never delete),
+    also counting the files the lake's records point at: it reads them from ``store.sqlite``,
+    which a lake has not, and would take the lake's files for orphans."""
+
+    def scan(self: Any, include_memory: bool = True, include_store: bool = True) -> set[str]:
+        referenced = original(self, include_memory=include_memory, include_store=include_store)
+        if include_store and _is_lake(self.workspace):
+            referenced |= lake_artifact_paths(self.workspace)
+        return referenced
+
+    scan.__wrapped__ = original  # type: ignore[attr-defined]
+    return scan
+
+
+__all__ = ["load_general_workspace_chain", "read_model_catalogue", "export_prediction_arrays", "chain_summaries",
+           "lake_artifact_paths", "protecting_lake_artifacts"]
