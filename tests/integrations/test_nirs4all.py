@@ -514,44 +514,57 @@ def _finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
-@pytest.mark.slow
-def test_two_processes_sweep_into_one_workspace(tmp_path):
-    """A default-engine sweep and a legacy-engine sweep write one workspace at once; afterwards
-    every prediction of both is there, as each would have written it alone."""
-    alone = {}
-    for engine in ENGINES:  # each sweep alone, for what it must give
-        out = tmp_path / f"alone_{engine}.json"
-        _finish(_worker(tmp_path / f"alone_{engine}", engine, f"sweep-{engine}", out, None, tmp_path))
-        alone[engine] = [p[:5] for p in json.loads(out.read_text())["predictions"]]
-        assert alone[engine]
-    shared, start = tmp_path / "shared", tmp_path / "go"
-    procs = {e: _worker(shared, e, f"sweep-{e}", tmp_path / f"shared_{e}.json", start, tmp_path) for e in ENGINES}
-    start.touch()
-    for proc in procs.values():
-        _finish(proc)
+def _two_sweeps(tmp_path: Path, shared: Path | str, engines: tuple[str, str]) -> None:
+    """Two workers sweep ``shared`` at once (``engines``: one each); afterwards every prediction
+    of both is there, as each worker wrote it alone into a local workspace of its own."""
     from nirslake import WorkspaceStore
 
+    names = [f"sweep-{i}-{e}" for i, e in enumerate(engines)]
+    alone = {}
+    for name, engine in zip(names, engines):  # each sweep alone, for what it must give
+        out = tmp_path / f"alone_{name}.json"
+        _finish(_worker(tmp_path / f"alone_{name}", engine, name, out, None, tmp_path))
+        alone[name] = [p[:5] for p in json.loads(out.read_text())["predictions"]]
+        assert alone[name]
+    start = tmp_path / "go"
+    procs = [_worker(shared, e, n, tmp_path / f"shared_{n}.json", start, tmp_path) for n, e in zip(names, engines)]
+    start.touch()
+    for proc in procs:
+        _finish(proc)
     with WorkspaceStore(shared) as store:
         runs = store.list_runs()
-        assert runs.height == 2
-        assert runs["status"].to_list() == ["completed"] * 2
+        assert runs.height == 2 and runs["status"].to_list() == ["completed"] * 2
         everything = store.query_predictions()
-        for engine in ENGINES:
-            reported = json.loads((tmp_path / f"shared_{engine}.json").read_text())
-            run_id = runs.filter(pl.col("name").str.starts_with(f"sweep-{engine}"))["run_id"].item()
+        for name in names:
+            reported = json.loads((tmp_path / f"shared_{name}.json").read_text())
+            run_id = runs.filter(pl.col("name").str.starts_with(name))["run_id"].item()
             rows = everything.filter(pl.col("run_id") == run_id)
             got = sorted([r["fold_id"], r["partition"], r["model_name"], r["preprocessings"], r["val_score"]] for r in rows.iter_rows(named=True))
-            assert got == alone[engine]  # every prediction, with the score it has when run alone
+            assert got == alone[name]  # every prediction, with the score it has when run alone
             assert sorted(rows["prediction_id"].to_list()) == sorted(p[5] for p in reported["predictions"])
         assert everything.height == sum(len(v) for v in alone.values())
         problems = store.check().problems
     # The legacy engine records every variant's artifacts but writes only the winner's bytes (its
     # own store holds the same records without files): the concurrent runs add no other problem.
     expected = 0
-    for engine in ENGINES:
-        with WorkspaceStore(tmp_path / f"alone_{engine}") as alone_store:
+    for name in names:
+        with WorkspaceStore(tmp_path / f"alone_{name}") as alone_store:
             expected += len(alone_store.check().problems)
     assert len(problems) == expected and all("its bytes are missing" in p for p in problems)
+
+
+@pytest.mark.slow
+def test_two_processes_sweep_into_one_workspace(tmp_path):
+    """A default-engine sweep and a legacy-engine sweep write one local workspace at once."""
+    _two_sweeps(tmp_path, tmp_path / "shared", ("default", "legacy"))
+
+
+@pytest.mark.slow
+def test_two_processes_sweep_into_one_s3_workspace(tmp_path, s3_workspace):
+    """Two default-engine sweeps write one workspace on S3 (moto on 127.0.0.1) at once. The
+    legacy engine cannot: its artifact registry writes fitted models with ``pathlib`` under
+    ``<workspace>/artifacts`` (docs/nirs4all.md)."""
+    _two_sweeps(tmp_path, s3_workspace, ("default", "default"))
 
 
 def test_nirs4alls_artifact_registry_keeps_the_lakes_files(sweeps, installed):

@@ -52,6 +52,47 @@ LINEAGE_FIELDS = (
 )
 
 
+# nirs4all passes every workspace through ``pathlib.Path``, which folds ``s3://bucket/ws`` into
+# ``s3:/bucket/ws``; a local folder named like that is implausible, so the URL is restored.
+_FOLDED_URL = re.compile(r"^(s3|s3a|gs|gcs|az|abfs|abfss|memory|file):/(?!/)(.*)$")
+
+
+def workspace_url(workspace_path: str | os.PathLike) -> str | os.PathLike:
+    """The workspace nirs4all meant: an object-store URL that ``Path()`` folded is unfolded."""
+    text = os.fspath(workspace_path)
+    match = _FOLDED_URL.match(text.replace(os.sep, "/"))
+    if match is None:
+        return workspace_path
+    return f"{match.group(1)}://{match.group(2)}"
+
+
+class ObjectPath(str):
+    """An artifact's URL on an object store, with the ``pathlib.Path`` reads nirs4all makes of
+    ``get_artifact_path`` (``read_bytes``, ``open``, ``exists``, ``is_file``, ``name``)."""
+
+    def __new__(cls, url: str, fs: Any) -> ObjectPath:
+        self = super().__new__(cls, url)
+        self._fs = fs
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    def read_bytes(self) -> bytes:
+        with self._fs.open(str(self), "rb") as fh:
+            return fh.read()
+
+    def open(self, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+        return self._fs.open(str(self), mode, *args, **kwargs)
+
+    def exists(self) -> bool:
+        return self._fs.exists(str(self))
+
+    def is_file(self) -> bool:
+        return self._fs.isfile(str(self))
+
+
 def loose_json(value: Any) -> Any:
     """A value as nirs4all's own store keeps it: JSON with ``str()`` of anything JSON lacks."""
     if value is None:
@@ -84,7 +125,7 @@ class Nirs4allStore(WorkspaceStore):
 
     def __init__(self, workspace_path: str | os.PathLike, *, read_only: bool = False, **options: Any) -> None:
         self._read_only = bool(read_only)
-        super().__init__(workspace_path, **options)
+        super().__init__(workspace_url(workspace_path), **options)
         self._array_store = LakeArrayStore(self)
         self._tx_depth = 0
         self._tx_lock = threading.RLock()
@@ -456,6 +497,12 @@ class Nirs4allStore(WorkspaceStore):
     def _artifact(self, artifact_id: str) -> dict:
         V.text("artifact_id", artifact_id, allow_none=False)
         return self._own_artifact(artifact_id) or super()._artifact(artifact_id)
+
+    def get_artifact_path(self, artifact_id: str) -> Path | ObjectPath:
+        """Where the artifact's bytes are: a ``Path``, or on an object store its URL with the
+        reads nirs4all makes of a ``Path``."""
+        found = super().get_artifact_path(artifact_id)
+        return found if isinstance(found, Path) else ObjectPath(found, self._storage.fs)
 
     def cleanup_transient_artifacts(self, run_id: str, dataset_name: str, winning_pipeline_ids: list[str]) -> int:
         """nirs4all drops the reference of losing pipelines' fold models here. In the lake a
