@@ -579,3 +579,26 @@ def test_nirs4alls_artifact_registry_keeps_the_lakes_files(sweeps, installed):
     assert files <= registry._scan_all_manifest_references()
     integ.uninstall()  # nirs4all's own scan: the lake's files look like orphans
     assert not files & registry._scan_all_manifest_references()
+
+
+def test_files_of_the_previous_format_still_read(tmp_path):
+    """Data files written before format 3 (without its columns) read, with nulls there."""
+    import pyarrow.parquet as pq
+
+    store, _, ids = _lake_with_predictions(tmp_path, n=2, refit_context="standalone")
+    store.close()
+    from nirslake.lake import schema as S
+
+    new = {"refit_context", "sample_influence_weight", *integ.LINEAGE_FIELDS}
+    rewritten = 0
+    for path in (tmp_path / "tables" / "predictions").rglob("part-*.parquet"):
+        table = pq.read_table(path)
+        if table.num_rows:
+            pq.write_table(table.drop([c for c in table.column_names if c in new]), path)
+            rewritten += 1
+    assert rewritten and set(S.PREDICTIONS.schema.names) > new
+    with integ.Nirs4allStore(tmp_path) as reopened:
+        rows = reopened.query_predictions()
+        assert sorted(rows["prediction_id"].to_list()) == sorted(ids)
+        assert rows["refit_context"].to_list() == [None, None]
+        assert reopened.sql("SELECT count(*) AS n, count(refit_context) AS r FROM predictions").rows() == [(2, 0)]
