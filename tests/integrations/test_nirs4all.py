@@ -602,3 +602,13 @@ def test_files_of_the_previous_format_still_read(tmp_path):
         assert sorted(rows["prediction_id"].to_list()) == sorted(ids)
         assert rows["refit_context"].to_list() == [None, None]
         assert reopened.sql("SELECT count(*) AS n, count(refit_context) AS r FROM predictions").rows() == [(2, 0)]
+
+
+def test_projects_are_refused_by_name(tmp_path):
+    store, _, _ = _lake_with_predictions(tmp_path, n=2)
+    assert store.query_predictions(task_type="regression").height == 2
+    assert store.query_predictions(task_type="classification").height == 0
+    for call in (lambda: store.get_or_create_project("p"), lambda: store.set_run_project("r", "p"), lambda: store.list_runs(project_id="p")):
+        with pytest.raises(NotImplementedError, match="projects"):
+            call()
+    store.close()

@@ -93,6 +93,12 @@ class ObjectPath(str):
         return self._fs.isfile(str(self))
 
 
+def _no_projects() -> Any:
+    raise NotImplementedError(
+        "nirs4all projects are not kept in a nirslake workspace yet (docs/nirs4all.md): run without project=..."
+    )
+
+
 def loose_json(value: Any) -> Any:
     """A value as nirs4all's own store keeps it: JSON with ``str()`` of anything JSON lacks."""
     if value is None:
@@ -128,7 +134,6 @@ class Nirs4allStore(WorkspaceStore):
         super().__init__(workspace_url(workspace_path), **options)
         self._array_store = LakeArrayStore(self)
         self._tx_depth = 0
-        self._tx_lock = threading.RLock()
         # (pipeline, chain, fold, partition, model, branch) -> prediction id: nirs4all replaces a
         # prediction saved again under the same natural key; the lake keeps its latest version.
         self._natural: dict[tuple, str] = {}
@@ -516,6 +521,36 @@ class Nirs4allStore(WorkspaceStore):
     # store's public calls, which the lake serves.
     def replay_chain(self, chain_id: str, X: Any, wavelengths: Any = None) -> Any:
         return native_store().replay_chain(self, chain_id, X, wavelengths)
+
+    def query_predictions(self, dataset_name: str | None = None, model_class: str | None = None,
+                          partition: str | None = None, fold_id: Any = None, branch_id: int | None = None,
+                          pipeline_id: str | None = None, run_id: str | None = None, task_type: str | None = None,
+                          limit: int | None = None, offset: int = 0) -> pl.DataFrame:
+        """``query_predictions`` with nirs4all's ``task_type`` filter too."""
+        if task_type is None:
+            return super().query_predictions(dataset_name, model_class, partition, fold_id, branch_id, pipeline_id, run_id, limit, offset)
+        V.text("task_type", task_type)
+        frame = super().query_predictions(dataset_name, model_class, partition, fold_id, branch_id, pipeline_id, run_id)
+        return frame.filter(pl.col("task_type") == task_type).slice(V.count("offset", offset), V.count("limit", limit, allow_none=True))
+
+    def list_runs(self, status: str | None = None, dataset: str | None = None, project_id: str | None = None,
+                  limit: int = 100, offset: int = 0) -> pl.DataFrame:
+        if project_id is not None:
+            _no_projects()
+        return super().list_runs(status=status, dataset=dataset, limit=limit, offset=offset)
+
+    # Projects have no table in the lake yet (docs/nirs4all.md): refused by name, never ignored.
+    def create_project(self, *args: Any, **kwargs: Any) -> str:
+        _no_projects()
+
+    def set_run_project(self, *args: Any, **kwargs: Any) -> None:
+        _no_projects()
+
+    def get_or_create_project(self, *args: Any, **kwargs: Any) -> str:
+        _no_projects()
+
+    def list_projects(self) -> pl.DataFrame:
+        _no_projects()
 
     # ------------------------------------------------------------------ nirs4all's SQL
     _PIPELINES_IN_ORDER = re.compile(
