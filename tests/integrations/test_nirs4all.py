@@ -612,3 +612,12 @@ def test_projects_are_refused_by_name(tmp_path):
         with pytest.raises(NotImplementedError, match="projects"):
             call()
     store.close()
+
+
+def test_urls_nirs4all_folded_are_unfolded():
+    """nirs4all passes workspaces through ``Path``, which makes ``s3://b/ws`` into ``s3:/b/ws``."""
+    assert integ.workspace_url(Path("s3://bucket/ws")) == "s3://bucket/ws"
+    assert integ.workspace_url("gs:/bucket/a/b") == "gs://bucket/a/b"
+    assert integ.workspace_url("s3://bucket/ws") == "s3://bucket/ws"
+    local = Path("/tmp/some/ws")
+    assert integ.workspace_url(local) is local

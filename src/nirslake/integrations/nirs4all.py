@@ -136,7 +136,7 @@ class Nirs4allStore(WorkspaceStore):
         self._tx_depth = 0
         # (pipeline, chain, fold, partition, model, branch) -> prediction id: nirs4all replaces a
         # prediction saved again under the same natural key; the lake keeps its latest version.
-        self._natural: dict[tuple, str] = {}
+        self._natural: Recent = Recent(100_000)
         # Per-table indexes of the current rows, valid while the table's files (and the
         # deletions) are the same: a reload asks for each pipeline and its chains in turn.
         self._indexes: dict[str, tuple[float, int, tuple, dict]] = {}
@@ -212,7 +212,8 @@ class Nirs4allStore(WorkspaceStore):
         for cid in [c for c in self._known.chains if c not in chains]:
             del self._known.chains[cid]
         self._known.artifacts.intersection_update(artifacts)
-        self._natural = natural
+        for key in [k for k in self._natural if k not in natural]:
+            del self._natural[key]
 
     def _publish_for_read(self) -> None:
         # Inside a transaction nothing of it is published; what was durable before is.
