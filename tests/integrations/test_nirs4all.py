@@ -621,3 +621,22 @@ def test_urls_nirs4all_folded_are_unfolded():
     assert integ.workspace_url("s3://bucket/ws") == "s3://bucket/ws"
     local = Path("/tmp/some/ws")
     assert integ.workspace_url(local) is local
+
+
+def test_live_objects_are_kept_as_nirs4all_keeps_them(tmp_path):
+    """Configs, best params and log details may hold live objects: stored as their ``str()``, as
+    nirs4all's own store does (``json.dumps(default=str)``)."""
+    from sklearn.cross_decomposition import PLSRegression
+
+    model = PLSRegression(3)
+    store, pipe, _ = _lake_with_predictions(tmp_path, n=0)
+    chain = store.get_chains_for_pipeline(pipe)["chain_id"][0]
+    pid = store.save_prediction(pipe, chain, "ds", "m", "cls", "0", "val", 1.0, None, None, "rmse", "regression",
+                                5, 4, {"val": {"rmse": 1.0}}, {"model": model, "n": 3}, None, None, 0, 0.0)
+    store.log_step(pipe, 0, "Op", "end", details={"model": model})
+    run = store.begin_run("r2", {"pipeline": [model]}, [{"name": "ds"}])
+    store.flush()
+    assert store.get_prediction(pid)["best_params"] == {"model": str(model), "n": 3}
+    assert store.get_run(run)["config"] == {"pipeline": [str(model)]}
+    assert json.loads(store.get_pipeline_log(pipe)["details"][0]) == {"model": str(model)}
+    store.close()

@@ -304,6 +304,10 @@ class Nirs4allStore(WorkspaceStore):
             return public(self._reads.frame(S.CHAINS).head(0).collect())
         return found
 
+    def log_step(self, pipeline_id: str, step_idx: int, operator_class: str, event: str, duration_ms: float | None = None,
+                 message: str | None = None, details: dict | None = None, level: str = "info") -> None:
+        super().log_step(pipeline_id, step_idx, operator_class, event, duration_ms, message, loose_json(details), level)
+
     # ------------------------------------------------------------------ chains
     def save_chain(
         self,
@@ -437,7 +441,13 @@ class Nirs4allStore(WorkspaceStore):
                 fields["prediction_id"] = V.text("prediction_id", prediction_id, allow_none=False)
             # Only what this process wrote is checked for a caller-given id (a lake lookup per
             # prediction would cost a listing each): nirs4all's ids are fresh uuids.
-            row = self._prediction_row(fields, owner_of=self._known.predictions.get)
+            try:
+                row = self._prediction_row(fields, owner_of=self._known.predictions.get)
+            except TypeError:
+                # Live objects in scores or best_params (a tuned estimator ...): kept as nirs4all
+                # keeps them, their str(); anything else still fails below, named.
+                fields["scores"], fields["best_params"] = loose_json(scores), loose_json(best_params)
+                row = self._prediction_row(fields, owner_of=self._known.predictions.get)
             row["refit_context"] = V.text("refit_context", refit_context)
             for name in LINEAGE_FIELDS:
                 value = fields[name]
