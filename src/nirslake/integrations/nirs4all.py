@@ -18,7 +18,6 @@ import os
 import re
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -139,7 +138,7 @@ class Nirs4allStore(WorkspaceStore):
         self._natural: Recent = Recent(100_000)
         # Per-table indexes of the current rows, valid while the table's files (and the
         # deletions) are the same: a reload asks for each pipeline and its chains in turn.
-        self._indexes: dict[str, tuple[float, int, tuple, dict]] = {}
+        self._indexes: dict[str, tuple[tuple, dict]] = {}
         # The chains this store saved, by pipeline: nirs4all reads a pipeline's chains right after
         # saving them, which this answers without publishing (one file per pipeline otherwise).
         self._own_chains: Recent = Recent(10_000)
@@ -254,29 +253,23 @@ class Nirs4allStore(WorkspaceStore):
             self._own_chains[row["pipeline_id"]] = []
             return row["pipeline_id"]
 
-    # A reload asks for each pipeline and its chains in turn: one listing serves the calls of
-    # that burst (at most this old, and never across a write of this store).
-    INDEX_LISTING_SECONDS = 0.25
-
     def _index(self, tdef: S.TableDef) -> dict:
-        """``{pipeline_id: rows}`` (chains) or ``{pipeline_id: row dict}`` (pipelines) of the
-        current rows, rebuilt only when the table's files or the deletions changed."""
-        now = time.monotonic()
-        cached = self._indexes.get(tdef.name)
-        if cached is not None and cached[1] == self._storage.generation and now - cached[0] < self.INDEX_LISTING_SECONDS:
-            return cached[3]
+        """``{pipeline_id: row dict}`` (pipelines) or ``{pipeline_id: rows}`` (chains) of the
+        current rows. Every call lists the lake (so it sees every new file); the index is rebuilt
+        only when the table's files or the deletions changed: a reload asks for each pipeline and
+        its chains in turn."""
         snap = self._reads.snapshot(tables=(tdef.name,))
         stamp = (tuple(snap.table_files(tdef)), tuple(snap.table_files(S.DELETIONS)))
-        if cached is not None and cached[2] == stamp:
-            index = cached[3]
+        cached = self._indexes.get(tdef.name)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        frame = public(self._reads.frame(tdef, snap=snap).collect())
+        if tdef is S.PIPELINES:
+            index = {row["pipeline_id"]: row for row in frame.to_dicts()}
         else:
-            frame = public(self._reads.frame(tdef, snap=snap).collect())
-            if tdef is S.PIPELINES:
-                index = {row["pipeline_id"]: row for row in frame.to_dicts()}
-            else:
-                frame = frame.sort(["created_at", tdef.key])
-                index = {key[0]: part for key, part in frame.partition_by("pipeline_id", as_dict=True, maintain_order=True).items()}
-        self._indexes[tdef.name] = (now, self._storage.generation, stamp, index)
+            frame = frame.sort(["created_at", tdef.key])
+            index = {key[0]: part for key, part in frame.partition_by("pipeline_id", as_dict=True, maintain_order=True).items()}
+        self._indexes[tdef.name] = (stamp, index)
         return index
 
     def get_pipeline(self, pipeline_id: str) -> dict | None:
