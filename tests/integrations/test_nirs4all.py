@@ -640,3 +640,22 @@ def test_live_objects_are_kept_as_nirs4all_keeps_them(tmp_path):
     assert store.get_run(run)["config"] == {"pipeline": [str(model)]}
     assert json.loads(store.get_pipeline_log(pipe)["details"][0]) == {"model": str(model)}
     store.close()
+
+
+def test_indexed_reads_see_another_stores_writes_at_once(tmp_path):
+    """get_pipeline / get_chains_for_pipeline answer from an index, rebuilt when the files change:
+    what another store published is seen by the next call."""
+    a, pipe, _ = _lake_with_predictions(tmp_path, n=0)
+    a.flush()
+    b = integ.Nirs4allStore(tmp_path)
+    assert b.get_pipeline(pipe)["original_template"] == {"t": 1}
+    assert b.get_chains_for_pipeline(pipe).height == 1
+    run = a.get_pipeline(pipe)["run_id"]
+    second = a.begin_pipeline(run, "q", {}, [], "ds", "h")
+    chain = a.save_chain(second, [], 0, "m", "", "per_fold", {}, {})
+    a.flush()
+    assert b.get_pipeline(second)["name"] == "q"
+    assert b.get_chains_for_pipeline(second)["chain_id"].to_list() == [chain]
+    assert b.get_pipeline("no-such") is None and b.get_chains_for_pipeline("no-such").height == 0
+    a.close()
+    b.close()
