@@ -647,6 +647,10 @@ def install() -> Callable[[], None]:
             RuntimeWarning,
             stacklevel=2,
         )
+    # The local filesystem of fsspec, imported now rather than inside the first store a
+    # reload opens (it costs that reload ~30 ms).
+    import fsspec.implementations.local  # noqa: F401
+
     with _INSTALL_LOCK:
         if _INSTALLED is None:
             done = []
@@ -660,6 +664,10 @@ def install() -> Callable[[], None]:
 def uninstall() -> None:
     """Give nirs4all its own store and readers back (what ``install()`` returned)."""
     global _INSTALLED
+    # The local filesystem of fsspec, imported now rather than inside the first store a
+    # reload opens (it costs that reload ~30 ms).
+    import fsspec.implementations.local  # noqa: F401
+
     with _INSTALL_LOCK:
         if _INSTALLED is None:
             return

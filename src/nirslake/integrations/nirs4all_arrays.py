@@ -129,6 +129,13 @@ def nirs4all_arrays(row: dict, decode_target_array: Any = None) -> dict[str, Any
     return arrays
 
 
+_READ_COLUMNS = (
+    "prediction_id", "y_true", "y_true_shape", "y_true_labels", "y_pred", "y_pred_shape", "y_pred_labels",
+    "y_proba", "y_proba_shape", "weights", "X", "X_shape", "spectra", "spectra_shape", "sample_indices",
+    "sample_metadata", "result_metadata",
+)
+
+
 class LakeArrayStore:
     """What nirs4all calls on ``store.array_store``, kept in the lake's ``prediction_arrays``."""
 
@@ -172,8 +179,10 @@ class LakeArrayStore:
             frame = self._frame(dataset_name)
         from nirs4all.data._predictions.target_codec import decode_target_array
 
-        wanted = frame.filter(pl.col("prediction_id").is_in(list(set(prediction_ids))))
-        return {row["prediction_id"]: nirs4all_arrays(row, decode_target_array) for row in wanted.iter_rows(named=True)}
+        wanted = frame.filter(pl.col("prediction_id").is_in(list(set(prediction_ids)))).select(_READ_COLUMNS)
+        columns = wanted.to_dict(as_series=False)  # column by column: cheaper than a dict per row
+        rows = (dict(zip(_READ_COLUMNS, values)) for values in zip(*(columns[c] for c in _READ_COLUMNS)))
+        return {row["prediction_id"]: nirs4all_arrays(row, decode_target_array) for row in rows}
 
     def load_single(self, prediction_id: str, dataset_name: str | None = None) -> dict[str, Any] | None:
         return self.load_batch([prediction_id], dataset_name=dataset_name).get(prediction_id)
