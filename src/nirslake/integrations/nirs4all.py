@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -138,7 +139,7 @@ class Nirs4allStore(WorkspaceStore):
         self._natural: Recent = Recent(100_000)
         # Per-table indexes of the current rows, valid while the table's files (and the
         # deletions) are the same: a reload asks for each pipeline and its chains in turn.
-        self._indexes: dict[str, tuple[tuple, dict]] = {}
+        self._indexes: dict[str, tuple[tuple, dict, tuple | None]] = {}
         # The chains this store saved, by pipeline: nirs4all reads a pipeline's chains right after
         # saving them, which this answers without publishing (one file per pipeline otherwise).
         self._own_chains: Recent = Recent(10_000)
@@ -253,23 +254,45 @@ class Nirs4allStore(WorkspaceStore):
             self._own_chains[row["pipeline_id"]] = []
             return row["pipeline_id"]
 
+    # A folder's mtime younger than this may still change within the same clock tick (file
+    # times use a coarse clock): only an older one vouches that the folder did not change.
+    SETTLED_SECONDS = 0.05
+
+    def _folder_stamp(self, tdef: S.TableDef) -> tuple[int, ...] | None:
+        """The modification times of the folders whose files make ``tdef``'s current rows (the
+        table, the deletions, the compaction commits), when all are settled; None otherwise or
+        off a local disk. A file published, renamed or removed in one changes its time."""
+        if not self._storage.is_local:
+            return None
+        try:
+            times = tuple(os.stat(self._storage.path(t.dir)).st_mtime_ns for t in (tdef, S.DELETIONS, S.COMMITS))
+        except OSError:
+            return None
+        return times if time.time_ns() - max(times) > self.SETTLED_SECONDS * 1e9 else None
+
     def _index(self, tdef: S.TableDef) -> dict:
         """``{pipeline_id: row dict}`` (pipelines) or ``{pipeline_id: rows}`` (chains) of the
-        current rows. Every call lists the lake (so it sees every new file); the index is rebuilt
-        only when the table's files or the deletions changed: a reload asks for each pipeline and
-        its chains in turn."""
-        snap = self._reads.snapshot(tables=(tdef.name,))
-        stamp = (tuple(snap.table_files(tdef)), tuple(snap.table_files(S.DELETIONS)))
+        current rows: a reload asks for each pipeline and its chains in turn. Rebuilt when the
+        table's files or the deletions changed; on a local disk, folders not modified since the
+        index was built (their times settled) spare the listing."""
+        self._publish_for_read()  # this process's writes first, as every read
+        folders = self._folder_stamp(tdef)
         cached = self._indexes.get(tdef.name)
-        if cached is not None and cached[0] == stamp:
+        if cached is not None and folders is not None and cached[2] == folders:
             return cached[1]
-        frame = public(self._reads.frame(tdef, snap=snap).collect())
-        if tdef is S.PIPELINES:
-            index = {row["pipeline_id"]: row for row in frame.to_dicts()}
+        snap = self._reads.snapshot(publish=False, tables=(tdef.name,))
+        stamp = (tuple(snap.table_files(tdef)), tuple(snap.table_files(S.DELETIONS)))
+        if cached is not None and cached[0] == stamp:
+            index = cached[1]
         else:
-            frame = frame.sort(["created_at", tdef.key])
-            index = {key[0]: part for key, part in frame.partition_by("pipeline_id", as_dict=True, maintain_order=True).items()}
-        self._indexes[tdef.name] = (stamp, index)
+            frame = public(self._reads.frame(tdef, snap=snap).collect())
+            if tdef is S.PIPELINES:
+                index = {row["pipeline_id"]: row for row in frame.to_dicts()}
+            else:
+                frame = frame.sort(["created_at", tdef.key])
+                index = {key[0]: part for key, part in frame.partition_by("pipeline_id", as_dict=True, maintain_order=True).items()}
+        # The folder times read before the listing: a change after them shows as a newer time.
+        self._indexes[tdef.name] = (stamp, index, folders)
         return index
 
     def get_pipeline(self, pipeline_id: str) -> dict | None:
