@@ -271,7 +271,7 @@ class Nirs4allStore(WorkspaceStore):
         return times if time.time_ns() - max(times) > self.SETTLED_SECONDS * 1e9 else None
 
     def _index(self, tdef: S.TableDef) -> dict:
-        """``{pipeline_id: row dict}`` (pipelines) or ``{pipeline_id: rows}`` (chains) of the
+        """``{pipeline_id: row dict}`` (pipelines), or the chains and their rows by pipeline, of the
         current rows: a reload asks for each pipeline and its chains in turn. Rebuilt when the
         table's files or the deletions changed; on a local disk, folders not modified since the
         index was built (their times settled) spare the listing."""
@@ -290,7 +290,10 @@ class Nirs4allStore(WorkspaceStore):
                 index = {row["pipeline_id"]: row for row in frame.to_dicts()}
             else:
                 frame = frame.sort(["created_at", tdef.key])
-                index = {key[0]: part for key, part in frame.partition_by("pipeline_id", as_dict=True, maintain_order=True).items()}
+                rows: dict[str, list[int]] = {}
+                for i, pid in enumerate(frame["pipeline_id"].to_list()):
+                    rows.setdefault(pid, []).append(i)
+                index = {"frame": frame, "rows": rows}
         # The folder times read before the listing: a change after them shows as a newer time.
         self._indexes[tdef.name] = (stamp, index, folders)
         return index
@@ -315,10 +318,8 @@ class Nirs4allStore(WorkspaceStore):
             if own is not None and pipeline_id in self._known.pipelines:
                 table = pa.Table.from_pylist(own, schema=S.CHAINS.schema)
                 return public(pl.from_arrow(table))
-            found = self._index(S.CHAINS).get(pipeline_id)
-        if found is None:
-            return public(self._reads.frame(S.CHAINS).head(0).collect())
-        return found
+            index = self._index(S.CHAINS)
+        return index["frame"][index["rows"].get(pipeline_id, [])]
 
     def log_step(self, pipeline_id: str, step_idx: int, operator_class: str, event: str, duration_ms: float | None = None,
                  message: str | None = None, details: dict | None = None, level: str = "info") -> None:
