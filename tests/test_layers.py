@@ -12,9 +12,14 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "nirslake"
 
 # What each layer must not import (as nirslake.<name>, by absolute or relative import).
 FORBIDDEN = {
-    "lake": {"query", "api", "store", "cli", "spark"},
-    "query": {"api", "store", "cli"},
+    "lake": {"query", "api", "store", "cli", "spark", "integrations"},
+    "query": {"api", "store", "cli", "integrations"},
+    # integrations/ sit above the store (they may import api, store, lake); nothing of nirslake
+    # itself depends on them, and they use no front end.
+    "integrations": {"cli", "web"},
 }
+for _layer in ("api", "cli", "web", "store.py", "predictions.py", "protocol.py", "plots.py", "spark.py", "__init__.py"):
+    FORBIDDEN.setdefault(_layer, set()).add("integrations")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -51,6 +56,12 @@ def test_no_layer_imports_one_above_it(path):
     banned = FORBIDDEN.get(layer, set())
     wrong = sorted(m for m in imported_modules(path) if m.split(".")[0] in banned)
     assert not wrong, f"{path.relative_to(SRC)} (layer {layer}/) imports {wrong}"
+
+
+def test_the_integrations_layer_is_checked():
+    """integrations/ import the store; no other layer imports them (else this could not fail)."""
+    assert "store" in imported_modules(SRC / "integrations" / "nirs4all.py")
+    assert all("integrations" in banned for layer, banned in FORBIDDEN.items() if layer != "integrations")
 
 
 def test_the_check_sees_imports():

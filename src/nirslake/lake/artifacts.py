@@ -138,6 +138,11 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def bare_hash(content_hash: str) -> str:
+    """A sha256 hex digest, also when written as nirs4all writes it (``sha256:<hex>``)."""
+    return content_hash[7:] if isinstance(content_hash, str) and content_hash.startswith("sha256:") else content_hash
+
+
 def put_object(storage: Storage, data: bytes) -> tuple[str, str]:
     """Store ``data`` under its hash, once; returns (hash, relative path).
 
@@ -242,7 +247,7 @@ def read_verified(storage: Storage, rel_or_abs: str, content_hash: str) -> bytes
     else:
         data = storage.read_bytes(rel_or_abs)
     actual = sha256(data)
-    if actual != content_hash:
+    if actual != bare_hash(content_hash):
         raise ArtifactIntegrityError(
             f"artifact object {rel_or_abs} is corrupt: sha256 mismatch "
             f"(expected {content_hash}, found {actual}); it was not deserialised"

@@ -13,7 +13,8 @@ TS = pa.timestamp("us", tz="UTC")
 F64_LIST = pa.list_(pa.float64())
 
 # Bumped whenever a schema or a view changes; the catalog is rebuilt when it differs.
-FORMAT_VERSION = 2  # 2: prediction_arrays.sample_ids, and the score views (sql/views/50_scores.sql)
+FORMAT_VERSION = 3  # 2: prediction_arrays.sample_ids, and the score views (sql/views/50_scores.sql)
+# 3: the nullable columns nirs4all 1.4.10 gives beyond the seed API (docs/nirs4all.md)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ PIPELINES = TableDef(
             ("duration_ms", pa.int64()),
             ("error", pa.string()),
             ("_version", pa.int64()),
+            ("original_template", pa.string()),  # JSON; format 3
         ]
     ),
     version_column="_version",
@@ -98,6 +100,11 @@ CHAINS = TableDef(
             ("source_index", pa.int64()),
             ("artifact_ids", pa.list_(pa.string())),  # every artifact the chain holds
             ("created_at", TS),
+            # format 3: what nirs4all 1.4.10 records with a chain
+            ("dataset_name", pa.string()),
+            ("relation_replay_manifest", pa.string()),  # JSON
+            ("relation_replay_version", pa.string()),
+            ("relation_replay_fingerprint", pa.string()),
         ]
     ),
 )
@@ -131,6 +138,20 @@ PREDICTIONS = TableDef(
             ("exclusion_rate", pa.float64()),
             ("preprocessings", pa.string()),
             ("created_at", TS),
+            # format 3: nirs4all 1.4.10's refit context and lineage fields
+            ("refit_context", pa.string()),
+            ("prediction_scope", pa.string()),
+            ("prediction_level", pa.string()),
+            ("evaluation_scope", pa.string()),
+            ("reduction_role", pa.string()),
+            ("reduction_id", pa.string()),
+            ("physical_sample_id", pa.string()),
+            ("origin_sample_id", pa.string()),
+            ("derived_unit_id", pa.string()),
+            ("unit_level", pa.string()),
+            ("unit_id", pa.string()),
+            ("row_id", pa.string()),
+            ("sample_influence_weight", pa.float64()),
         ]
     ),
     version_column="created_at",
@@ -155,6 +176,20 @@ PREDICTION_ARRAYS = TableDef(
             ("y_proba_classes", pa.int64()),
             # The sample each row measured, when samples are measured several times (docs/scores.md).
             ("sample_ids", pa.list_(pa.string())),
+            # format 3: what nirs4all 1.4.10's array store keeps beyond these (docs/nirs4all.md):
+            # shapes of multi-dimensional arrays (the arrays above hold them flattened / 2-D),
+            # encoded class labels, the X and spectra matrices, per-sample and result metadata (JSON).
+            ("y_true_shape", pa.list_(pa.int64())),
+            ("y_pred_shape", pa.list_(pa.int64())),
+            ("y_proba_shape", pa.list_(pa.int64())),
+            ("y_true_labels", pa.string()),
+            ("y_pred_labels", pa.string()),
+            ("X", F64_LIST),
+            ("X_shape", pa.list_(pa.int64())),
+            ("spectra", F64_LIST),
+            ("spectra_shape", pa.list_(pa.int64())),
+            ("sample_metadata", pa.string()),  # JSON
+            ("result_metadata", pa.string()),  # JSON
         ]
     ),
     version_column="_version",

@@ -13,6 +13,7 @@ import uuid
 import weakref
 from collections import defaultdict
 
+import numpy as np
 import pyarrow as pa
 
 from . import schema as S
@@ -75,6 +76,9 @@ class LakeWriter:
         # file names (and its record count), kept until every file landed, so a retry rewrites
         # the same names.
         self._landing: list[tuple[list, tuple[int, str], int]] = []
+        # While held (a caller's transaction), durability points keep the buffer in memory:
+        # nothing of it is journaled or published until the hold is released (or rolled back).
+        self.held = 0
         with _WRITERS_LOCK:
             _WRITERS[storage.root].add(self)
 
@@ -86,7 +90,7 @@ class LakeWriter:
             self._own()
             self._rows[table].append(row)
             self._pending += 1
-            if self._pending >= self.flush_rows:
+            if self._pending >= self.flush_rows and not self.held:
                 self.commit()
 
     def add_arrays(self, row: dict) -> None:
@@ -96,7 +100,7 @@ class LakeWriter:
             self._arrays.append(row)
             self._pending += 1
             self._array_bytes += nbytes({f: row[f] for f in ARRAY_FIELDS})
-            if self._array_bytes >= self.flush_bytes or self._pending >= self.flush_rows:
+            if (self._array_bytes >= self.flush_bytes or self._pending >= self.flush_rows) and not self.held:
                 self.commit()
 
     @property
@@ -109,11 +113,48 @@ class LakeWriter:
         """True when a journal segment holds records not yet published."""
         return self.journal is not None and bool(self.journal.segments)
 
-    # -- durability ------------------------------------------------------------
-    def commit(self) -> None:
-        """A durability point: once this returns, every buffered record survives a crash of the process."""
+    # -- holding (transactions) ------------------------------------------------
+    def hold(self) -> tuple[dict[str, int], int]:
+        """Keep what is buffered from now on in memory until ``release``; returns a mark for ``rollback``."""
         with self._lock:
             self._own()
+            self.held += 1
+            return {name: len(rows) for name, rows in self._rows.items()}, len(self._arrays)
+
+    def release(self) -> None:
+        with self._lock:
+            self.held = max(0, self.held - 1)
+
+    def rollback(self, mark: tuple[dict[str, int], int]) -> int:
+        """Drop what was buffered since ``mark`` (taken by ``hold``); returns how many records went."""
+        with self._lock:
+            self._own()
+            rows, arrays = mark
+            dropped = 0
+            for name, kept in rows.items():
+                dropped += max(0, len(self._rows[name]) - kept)
+                del self._rows[name][kept:]
+            dropped += max(0, len(self._arrays) - arrays)
+            del self._arrays[arrays:]
+            self._pending = max(0, self._pending - dropped)
+            self._array_bytes = sum(nbytes({f: r.get(f) for f in ARRAY_FIELDS}) for r in self._arrays)
+            return dropped
+
+    def buffered(self, table: str) -> list[dict]:
+        """The rows of ``table`` buffered and not yet durable (a writer reads its own held rows)."""
+        with self._lock:
+            if table == "prediction_arrays":
+                return list(self._arrays)
+            return [row for name, rows in self._rows.items() if name.split(":")[0] == table for row in rows]
+
+    # -- durability ------------------------------------------------------------
+    def commit(self) -> None:
+        """A durability point: once this returns, every buffered record survives a crash of the
+        process. While held, the buffer stays in memory (the hold's release commits)."""
+        with self._lock:
+            self._own()
+            if self.held:
+                return
             self._make_durable()
             journal = self.journal
             if journal is not None and journal.current is not None:
@@ -121,10 +162,12 @@ class LakeWriter:
                     self._publish_journal()
 
     def publish(self) -> None:
-        """Commit, then turn the journal into lake files (readers in other processes see them now)."""
+        """Commit, then turn the journal into lake files (readers in other processes see them now).
+        While held, only what was durable before is published."""
         with self._lock:
             self._own()
-            self._make_durable()
+            if not self.held:
+                self._make_durable()
             self._publish_journal()
 
     def publish_acknowledged(self) -> None:
@@ -187,7 +230,8 @@ class LakeWriter:
             elif self._rows[name]:
                 # Columns, not row dicts: cheaper to encode now and to turn into Arrow at publication.
                 names = _table_of(name).schema.names
-                frames.append((name, {column: [row[column] for row in self._rows[name]] for column in names}))
+                # Columns a row leaves out (added by a later format) are null.
+                frames.append((name, {column: [row.get(column) for row in self._rows[name]] for column in names}))
         return frames
 
     def _clear(self) -> None:
@@ -216,6 +260,13 @@ class LakeWriter:
             "y_proba_classes": pa.array([None if r["y_proba"] is None else r["y_proba"].shape[1] for r in rows], pa.int64()),
             "sample_ids": list_column([r.get("sample_ids") for r in rows], pa.string()),
         }
+        for field in S.PREDICTION_ARRAYS.schema:  # later columns (format 3): null unless the row has them
+            if field.name not in columns:
+                values = [r.get(field.name) for r in rows]
+                if pa.types.is_list(field.type) and any(isinstance(v, np.ndarray) for v in values):
+                    columns[field.name] = list_column(values, field.type.value_type)
+                else:
+                    columns[field.name] = pa.array(values, field.type)
         return pa.Table.from_pydict(columns, schema=S.PREDICTION_ARRAYS.schema)
 
 

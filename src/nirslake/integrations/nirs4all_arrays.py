@@ -1,0 +1,229 @@
+"""nirs4all's ``ArrayStore`` surface over the lake's ``prediction_arrays`` table.
+
+nirs4all hands its arrays over as records (``save_batch``) and reads them back per dataset
+(``load_batch``). Each record becomes one lake row: ``y_true``/``y_pred`` flat with their shape
+when multi-output, class labels in nirs4all's own encoding, ``y_proba`` as samples x classes with
+its exact shape, ``X`` and ``spectra`` flat with their shapes, weights of any length, per-sample
+and result metadata as JSON. A load reads each dataset's partition once, whatever the number of
+predictions asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from ..lake import schema as S
+from ..lake.tables import CLOCK
+
+if TYPE_CHECKING:
+    from .nirs4all import Nirs4allStore
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _flat(value: Any, dtype=np.float64) -> np.ndarray | None:
+    if value is None:
+        return None
+    return np.ascontiguousarray(np.asarray(value, dtype=dtype).reshape(-1))
+
+
+def _shape(value: Any) -> np.ndarray | None:
+    return None if value is None else np.asarray(np.shape(value), dtype=np.int64)
+
+
+def lake_row(record: dict, owner: tuple[str, str, int]) -> dict:
+    """One nirs4all array record as a ``prediction_arrays`` row (nothing of it dropped)."""
+    from nirs4all.data._predictions.target_codec import classification_task, encode_target_labels
+
+    row: dict[str, Any] = {
+        "prediction_id": record["prediction_id"],
+        "run_id": owner[0],
+        "dataset_name": owner[1],
+        "_version": CLOCK.now_us(),
+        "sample_ids": None,
+    }
+    for field in ("y_true", "y_pred"):
+        values = record.get(field)
+        encoded = encode_target_labels(values) if classification_task(record.get("task_type")) else None
+        row[f"{field}_labels"] = encoded
+        row[field] = None if encoded is not None else _flat(values)
+        multi = values is not None and np.ndim(values) > 1 and np.shape(values)[1] > 1
+        row[f"{field}_shape"] = _shape(values) if multi and encoded is None else None
+    proba = record.get("y_proba")
+    if proba is not None:
+        proba = np.asarray(proba, dtype=np.float64)
+        rows = proba.shape[0] if proba.ndim else 1
+        row["y_proba"] = np.ascontiguousarray(proba.reshape(rows, -1)) if proba.size else proba.reshape(rows, 0)
+        row["y_proba_shape"] = _shape(proba)
+    else:
+        row["y_proba"] = row["y_proba_shape"] = None
+    for field in ("X", "spectra"):
+        value = record.get(field)
+        row[field] = _flat(value)
+        row[f"{field}_shape"] = _shape(value)
+    row["sample_indices"] = _flat(record.get("sample_indices"), np.int64)
+    row["weights"] = _flat(record.get("weights"))
+    for field in ("sample_metadata", "result_metadata"):
+        value = record.get(field)
+        row[field] = json.dumps(value, default=_json_default) if value else None
+    return row
+
+
+def _reshaped(values: Any, shape: Any) -> np.ndarray | None:
+    if values is None:
+        return None
+    array = np.asarray(values, dtype=np.float64)
+    if shape is not None and len(shape) > 1:
+        try:
+            return array.reshape(shape)
+        except ValueError:
+            return array
+    return array
+
+
+def _meta(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return {}
+
+
+def nirs4all_arrays(row: dict, decode_target_array: Any = None) -> dict[str, Any]:
+    """A lake row back as nirs4all's ``load_batch`` gives it."""
+    if decode_target_array is None:
+        from nirs4all.data._predictions.target_codec import decode_target_array
+    arrays: dict[str, Any] = {}
+    for field in ("y_true", "y_pred"):
+        encoded = row.get(f"{field}_labels")
+        view = {field: row.get(field), f"{field}_shape": row.get(f"{field}_shape"), f"{field}_labels": encoded}
+        if encoded is not None:
+            view["task_type"] = "classification"  # labels are only ever encoded for a classification task
+        arrays[field] = decode_target_array(view, field)
+    proba = row.get("y_proba")
+    if proba is not None:
+        flat = np.asarray([v for inner in proba for v in inner], dtype=np.float64) if len(proba) else np.empty(0)
+        arrays["y_proba"] = _reshaped(flat, row.get("y_proba_shape"))
+    else:
+        arrays["y_proba"] = None
+    arrays["weights"] = None if row.get("weights") is None else np.asarray(row["weights"], dtype=np.float64)
+    arrays["X"] = _reshaped(row.get("X"), row.get("X_shape"))
+    arrays["spectra"] = _reshaped(row.get("spectra"), row.get("spectra_shape"))
+    indices = row.get("sample_indices")
+    arrays["sample_indices"] = None if indices is None else np.asarray(indices, dtype=np.int32)
+    arrays["sample_metadata"] = _meta(row.get("sample_metadata"))
+    arrays["result_metadata"] = _meta(row.get("result_metadata"))
+    return arrays
+
+
+_READ_COLUMNS = (
+    "prediction_id", "y_true", "y_true_shape", "y_true_labels", "y_pred", "y_pred_shape", "y_pred_labels",
+    "y_proba", "y_proba_shape", "weights", "X", "X_shape", "spectra", "spectra_shape", "sample_indices",
+    "sample_metadata", "result_metadata",
+)
+
+
+class LakeArrayStore:
+    """What nirs4all calls on ``store.array_store``, kept in the lake's ``prediction_arrays``."""
+
+    def __init__(self, store: Nirs4allStore) -> None:
+        self._store = store
+
+    def save_batch(self, records: list[dict]) -> int:
+        """Add each record's arrays to its prediction; returns how many were written. Inside
+        ``transaction()`` they are kept with it (written at its end, dropped by a rollback)."""
+        if not records:
+            return 0
+        store = self._store
+        with store._lock:
+            store._check_open()
+            store._require_writable()
+            rows = []
+            for i, record in enumerate(records):
+                if not isinstance(record, dict) or not isinstance(record.get("prediction_id"), str):
+                    raise TypeError(f"array record {i} must be a dict with a prediction_id")
+                owner = store._known.predictions.get(record["prediction_id"])
+                if owner is None:
+                    owner = store._known.live_prediction(record["prediction_id"], store._publish_for_read)
+                rows.append(lake_row(record, owner))
+            for row in rows:
+                store._writer.add_arrays(row)
+            store._writer.commit()
+            return len(rows)
+
+    def _frame(self, dataset_name: str | None) -> pl.DataFrame:
+        reads = self._store._reads
+        return reads.frame(S.PREDICTION_ARRAYS, dataset_name).collect()
+
+    def load_batch(self, prediction_ids: list[str], dataset_name: str | None = None) -> dict[str, dict[str, Any]]:
+        """``{prediction_id: arrays}`` of those found: one read of the dataset's partition
+        (of every partition when ``dataset_name`` is None), never one per prediction."""
+        if not prediction_ids:
+            return {}
+        store = self._store
+        with store._lock:
+            store._check_open()
+            frame = self._frame(dataset_name)
+        from nirs4all.data._predictions.target_codec import decode_target_array
+
+        wanted = frame.filter(pl.col("prediction_id").is_in(list(set(prediction_ids)))).select(_READ_COLUMNS)
+        columns = wanted.to_dict(as_series=False)  # column by column: cheaper than a dict per row
+        rows = (dict(zip(_READ_COLUMNS, values)) for values in zip(*(columns[c] for c in _READ_COLUMNS)))
+        return {row["prediction_id"]: nirs4all_arrays(row, decode_target_array) for row in rows}
+
+    def load_single(self, prediction_id: str, dataset_name: str | None = None) -> dict[str, Any] | None:
+        return self.load_batch([prediction_id], dataset_name=dataset_name).get(prediction_id)
+
+    def load_dataset(self, dataset_name: str) -> pl.DataFrame:
+        """Every current array row of the dataset (the lake's columns)."""
+        with self._store._lock:
+            self._store._check_open()
+            frame = self._frame(dataset_name)
+        if frame.is_empty():
+            raise FileNotFoundError(f"No arrays for dataset '{dataset_name}' in {self._store.workspace_path}")
+        return frame
+
+    def delete_batch(self, prediction_ids: set[str], dataset_name: str | None = None) -> int:
+        """Hide the arrays with their predictions (one deletion record each; nothing rewritten)."""
+        ids = sorted({p for p in prediction_ids if isinstance(p, str)})
+        if ids:
+            self._store._require_writable()
+            with self._store._lock:
+                self._store._delete("prediction", ids)
+        return len(ids)
+
+    # nirs4all keeps deletions as a tombstone file applied by compaction; the lake keeps them as
+    # deletion records that every read applies at once, so none is ever pending.
+    def pending_tombstone_count(self) -> int:
+        return 0
+
+    def has_pending_tombstones(self) -> bool:
+        return False
+
+    def list_datasets(self) -> list[str]:
+        with self._store._lock:
+            frame = self._frame(None)
+        return sorted(frame["dataset_name"].unique().to_list())
+
+    def compact(self, dataset_name: str | None = None, live_ids: set[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Merge small files of the arrays table (the lake's compaction)."""
+        result = self._store.compact(tables=["prediction_arrays"])
+        return {"prediction_arrays": {"result": repr(result)}}
+
+    def stats(self) -> dict[str, Any]:
+        with self._store._lock:
+            frame = self._frame(None)
+        return {"total_rows": frame.height, "datasets": sorted(frame["dataset_name"].unique().to_list())}
