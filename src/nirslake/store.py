@@ -377,8 +377,13 @@ class WorkspaceStore:
             self._check_open()
             snap = self._reads.snapshot(tables=("chains", "pipelines"))
             chains = self._reads.frame(S.CHAINS, snap=snap)
-            datasets = self._reads.frame(S.PIPELINES, snap=snap).select("pipeline_id", "dataset_name")
-        frame = chains.join(datasets, on="pipeline_id", how="left")
+            datasets = self._reads.frame(S.PIPELINES, snap=snap).select(
+                "pipeline_id", pl.col("dataset_name").alias("_pipeline_dataset")
+            )
+        # A chain's own dataset_name (format 3, written by the nirs4all integration) wins; else its pipeline's.
+        frame = chains.join(datasets, on="pipeline_id", how="left").with_columns(
+            pl.coalesce("dataset_name", "_pipeline_dataset").alias("dataset_name")
+        ).drop("_pipeline_dataset")
         exprs = [pl.col(c) == v for c, v in (("run_id", run_id), ("pipeline_id", pipeline_id), ("dataset_name", dataset_name)) if v is not None]
         frame = frame.filter(*exprs) if exprs else frame
         return public(frame.sort(["created_at", "chain_id"]).collect())

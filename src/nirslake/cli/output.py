@@ -69,6 +69,19 @@ def table(frame: pl.DataFrame, max_width: int | None = None) -> tuple[str, list[
     return "\n".join(out), frame.columns[len(shown):]
 
 
+def hidden_note(hidden: list[str], room: int = 120) -> str:
+    """The line under a table that names the columns left out: as many names as fit in ``room``
+    characters, then how many more, so the line stays short however wide the table is."""
+    names, used = [], 0
+    for name in hidden:
+        if names and used + len(name) + 2 > room:
+            break
+        names.append(name)
+        used += len(name) + 2
+    rest = f" and {len(hidden) - len(names)} more" if len(names) < len(hidden) else ""
+    return f"({len(hidden)} more column(s) not shown: {', '.join(names)}{rest}; --json or --csv shows them all)"
+
+
 def print_frame(frame: pl.DataFrame, title: str | None = None) -> None:
     """A whole frame as a table (what the demo prints)."""
     if title:
@@ -79,7 +92,7 @@ def print_frame(frame: pl.DataFrame, title: str | None = None) -> None:
     text, hidden = table(frame)
     print(text)
     if hidden:
-        print(f"({len(hidden)} more column(s) not shown: {', '.join(hidden)}; --json or --csv shows them all)")
+        print(hidden_note(hidden))
 
 
 def csv_text(frame: pl.DataFrame) -> str:
@@ -116,7 +129,7 @@ def listing(frame: pl.DataFrame, args: Any, what: str = "rows", total: int | Non
         text, hidden = table(page)
         print(text)
         if hidden:
-            print(f"({len(hidden)} more column(s) not shown: {', '.join(hidden)}; --json or --csv shows them all)")
+            print(hidden_note(hidden))
     if total == 0:
         print(f"no {what}")
     elif page.height == 0:
