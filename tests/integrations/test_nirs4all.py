@@ -321,6 +321,24 @@ def test_load_batch_shares_nothing_between_predictions(tmp_path):
         assert other["y_true"][0, 0] != 1e9
 
 
+def test_get_run_is_the_stores_and_sees_another_writer(tmp_path):
+    """``get_run`` (served from the runs table read whole) gives what the lake store's lookup
+    gives, and a new version another store writes afterwards, at once."""
+    from nirslake.store import WorkspaceStore
+
+    reader = integ.Nirs4allStore(tmp_path)
+    writer = integ.Nirs4allStore(tmp_path)
+    run = writer.begin_run("r", {"a": 1}, [{"name": "ds", "aggregate": "x"}])
+    writer.flush()
+    assert reader.get_run(run) == WorkspaceStore.get_run(reader, run) and reader.get_run(run)["status"] == "running"
+    writer.complete_run(run, {"best": 1})
+    got = reader.get_run(run)
+    assert got["status"] == "completed" and got["summary"] == {"best": 1} and got == WorkspaceStore.get_run(reader, run)
+    assert reader.get_run("no-such-run") is None
+    writer.close()
+    reader.close()
+
+
 def test_lineage_fields_and_refit_context_round_trip(tmp_path):
     lineage = {name: f"{name}-1" for name in integ.LINEAGE_FIELDS}
     store, _, ids = _lake_with_predictions(tmp_path, n=1, refit_context="standalone", sample_influence_weight=0.25, **lineage)
