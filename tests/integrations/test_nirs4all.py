@@ -300,6 +300,45 @@ def test_load_batch_reads_each_dataset_once(tmp_path, monkeypatch):
     assert len(got) == 40 and len(calls) == 1
 
 
+def test_load_batch_shares_nothing_between_predictions(tmp_path):
+    """Predictions with the same metadata text (a fold's samples) get dicts equal to a fresh
+    decode each, sharing no dict or list: nirs4all adds keys to one without touching the others."""
+    store, _, ids = _lake_with_predictions(tmp_path / "lake", n=3)
+    meta = {"site": ["a", "b"], "nested": {"ids": [1, 2], "rows": [[1], [2]]}}
+    store.array_store.save_batch([{**_records([pid] * 3, "ds")[0], "prediction_id": pid, "sample_metadata": meta,
+                                   "result_metadata": {"k": [1]}} for pid in ids])
+    store.close()
+    with integ.Nirs4allStore(tmp_path / "lake") as reopened:
+        got = reopened.array_store.load_batch(ids, dataset_name="ds")
+    first, *others = (got[pid] for pid in ids)
+    first["sample_metadata"]["added"] = 1
+    first["sample_metadata"]["site"].append("c")
+    first["sample_metadata"]["nested"]["rows"][0].append(9)
+    first["result_metadata"]["k"].append(2)
+    first["y_true"][0, 0] = 1e9  # arrays are each prediction's own, writable
+    for other in others:
+        assert other["sample_metadata"] == meta and other["result_metadata"] == {"k": [1]}
+        assert other["y_true"][0, 0] != 1e9
+
+
+def test_get_run_is_the_stores_and_sees_another_writer(tmp_path):
+    """``get_run`` (served from the runs table read whole) gives what the lake store's lookup
+    gives, and a new version another store writes afterwards, at once."""
+    from nirslake.store import WorkspaceStore
+
+    reader = integ.Nirs4allStore(tmp_path)
+    writer = integ.Nirs4allStore(tmp_path)
+    run = writer.begin_run("r", {"a": 1}, [{"name": "ds", "aggregate": "x"}])
+    writer.flush()
+    assert reader.get_run(run) == WorkspaceStore.get_run(reader, run) and reader.get_run(run)["status"] == "running"
+    writer.complete_run(run, {"best": 1})
+    got = reader.get_run(run)
+    assert got["status"] == "completed" and got["summary"] == {"best": 1} and got == WorkspaceStore.get_run(reader, run)
+    assert reader.get_run("no-such-run") is None
+    writer.close()
+    reader.close()
+
+
 def test_lineage_fields_and_refit_context_round_trip(tmp_path):
     lineage = {name: f"{name}-1" for name in integ.LINEAGE_FIELDS}
     store, _, ids = _lake_with_predictions(tmp_path, n=1, refit_context="standalone", sample_influence_weight=0.25, **lineage)

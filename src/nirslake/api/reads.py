@@ -124,7 +124,10 @@ class LakeReads:
             frame = frame.filter(pl.col("dataset_name") == dataset_name)
         # No deletion records (the common case): nothing to join them with.
         live = None if deletions is None or deletions.height == 0 else deletions.lazy()
-        resolved = resolve(frame, tdef, live, keys_unique).collect()
+        if live is None and part is ... and (keys_unique or tdef.version_column is None):
+            resolved = raw  # no rule has anything to do: the rows as read (no query to run)
+        else:
+            resolved = resolve(frame, tdef, live, keys_unique).collect()
         self.resolved = {k: v for k, v in self.resolved.items() if k[:2] != cache_key[:2]}
         self.resolved[cache_key] = resolved
         return resolved.lazy()

@@ -33,6 +33,7 @@ from ..api.known import Recent
 from ..api.reads import public
 from ..lake import artifacts as art
 from ..lake import schema as S
+from ..lake.tables import CLOCK
 from ..store import WorkspaceStore
 from .nirs4all_arrays import LakeArrayStore
 from .nirs4all_readers import (
@@ -285,11 +286,13 @@ class Nirs4allStore(WorkspaceStore):
         if cached is not None and cached[0] == stamp:
             index = cached[1]
         else:
-            frame = public(self._reads.frame(tdef, snap=snap).collect())
-            if tdef is S.PIPELINES:
-                index = {row["pipeline_id"]: row for row in frame.to_dicts()}
+            frame = self._reads.frame(tdef, snap=snap).collect()
+            if tdef is S.RUNS:  # with each row's version: a read moves the clock past it
+                index = {row["run_id"]: row for row in frame.drop("artifact_ids", strict=False).to_dicts()}
+            elif tdef is S.PIPELINES:
+                index = {row["pipeline_id"]: row for row in public(frame).to_dicts()}
             else:
-                frame = frame.sort(["created_at", tdef.key])
+                frame = public(frame).sort(["created_at", tdef.key])
                 rows: dict[str, list[int]] = {}
                 for i, pid in enumerate(frame["pipeline_id"].to_list()):
                     rows.setdefault(pid, []).append(i)
@@ -297,6 +300,19 @@ class Nirs4allStore(WorkspaceStore):
         # The folder times read before the listing: a change after them shows as a newer time.
         self._indexes[tdef.name] = (stamp, index, folders)
         return index
+
+    def get_run(self, run_id: str) -> dict | None:
+        """The run as a dict (JSON fields decoded), or None: from the runs table read whole
+        (a handful of rows, decoded by polars as the other reads of a reload)."""
+        V.text("run_id", run_id, allow_none=False)
+        with self._lock:
+            self._check_open()
+            found = self._index(S.RUNS).get(run_id)
+        if found is None:
+            return super().get_run(run_id)  # none: the lookup that also notes a deletion's stamp
+        row = dict(found)
+        CLOCK.observe(row.pop("_version"))  # what this process writes of the run next is later
+        return records.decoded(row, records.RUN_JSON)
 
     def get_pipeline(self, pipeline_id: str) -> dict | None:
         """The pipeline as a dict (JSON fields decoded, ``original_template`` too), or None."""

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from ..lake import schema as S
 from ..lake.tables import CLOCK
@@ -93,17 +94,43 @@ def _reshaped(values: Any, shape: Any) -> np.ndarray | None:
     return array
 
 
-def _meta(text: str | None) -> dict:
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _fresh(value: Any) -> Any:
+    """A copy of decoded JSON sharing nothing mutable with ``value`` (as a new decode would)."""
+    kind = type(value)
+    if kind is dict:
+        return {k: _fresh(v) for k, v in value.items()}
+    if kind is list:
+        for item in value:
+            if type(item) not in _SCALARS:
+                return [_fresh(v) for v in value]
+        return value.copy()
+    return value
+
+
+def _meta(text: str | None, seen: dict | None = None) -> dict:
+    """The JSON metadata decoded ({} when missing or not JSON). ``seen`` (one load's texts
+    already decoded: predictions of a fold share their samples' metadata) gives a fresh copy of
+    an earlier decode: nothing is shared between the dicts handed out."""
     if text is None:
         return {}
+    if seen is not None:
+        earlier = seen.get(text)
+        if earlier is not None:
+            return _fresh(earlier)
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except (json.JSONDecodeError, TypeError):
         return {}
+    if seen is not None:
+        seen[text] = value
+    return value
 
 
-def nirs4all_arrays(row: dict, decode_target_array: Any = None) -> dict[str, Any]:
-    """A lake row back as nirs4all's ``load_batch`` gives it."""
+def nirs4all_arrays(row: dict, decode_target_array: Any = None, seen: dict | None = None) -> dict[str, Any]:
+    """A lake row back as nirs4all's ``load_batch`` gives it (``seen``: see :func:`_meta`)."""
     if decode_target_array is None:
         from nirs4all.data._predictions.target_codec import decode_target_array
     arrays: dict[str, Any] = {}
@@ -124,8 +151,8 @@ def nirs4all_arrays(row: dict, decode_target_array: Any = None) -> dict[str, Any
     arrays["spectra"] = _reshaped(row.get("spectra"), row.get("spectra_shape"))
     indices = row.get("sample_indices")
     arrays["sample_indices"] = None if indices is None else np.asarray(indices, dtype=np.int32)
-    arrays["sample_metadata"] = _meta(row.get("sample_metadata"))
-    arrays["result_metadata"] = _meta(row.get("result_metadata"))
+    arrays["sample_metadata"] = _meta(row.get("sample_metadata"), seen)
+    arrays["result_metadata"] = _meta(row.get("result_metadata"), seen)
     return arrays
 
 
@@ -134,6 +161,40 @@ _READ_COLUMNS = (
     "y_proba", "y_proba_shape", "weights", "X", "X_shape", "spectra", "spectra_shape", "sample_indices",
     "sample_metadata", "result_metadata",
 )
+
+
+# The flat numeric lists: each row's values come out as a numpy slice of the column's one buffer
+# rather than as a Python list converted back (most of a reload's cost otherwise).
+_FLAT_COLUMNS = {"y_true": np.float64, "y_pred": np.float64, "weights": np.float64, "X": np.float64,
+                 "spectra": np.float64, "sample_indices": np.int64}
+
+
+def _flat_lists(array: pa.Array | pa.ChunkedArray, dtype: Any) -> list[np.ndarray | None]:
+    """Each row of a ``list<number>`` column as its own (writable) numpy array, None when null."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if len(array) == 0:
+        return []
+    offsets = array.offsets.to_numpy()
+    values = array.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    nulls = array.is_null().to_numpy(zero_copy_only=False) if array.null_count else None
+    return [
+        None if nulls is not None and nulls[i] else values[offsets[i]:offsets[i + 1]].copy()
+        for i in range(len(array))
+    ]
+
+
+def _columns(frame: pl.DataFrame) -> dict[str, list]:
+    """The frame column by column (cheaper than a dict per row), flat numeric lists as numpy."""
+    columns: dict[str, list] = {}
+    for name in frame.columns:
+        series = frame.get_column(name)
+        dtype = _FLAT_COLUMNS.get(name)
+        flat = dtype is not None and isinstance(series.dtype, pl.List) and series.dtype.inner.is_numeric()
+        if flat and series.dtype.inner.is_integer() and series.list.explode().null_count():
+            flat = False  # a missing integer has no numpy value: the lists as they are
+        columns[name] = _flat_lists(series.to_arrow(), dtype) if flat else series.to_list()
+    return columns
 
 
 class LakeArrayStore:
@@ -180,9 +241,12 @@ class LakeArrayStore:
         from nirs4all.data._predictions.target_codec import decode_target_array
 
         wanted = frame.filter(pl.col("prediction_id").is_in(list(set(prediction_ids)))).select(_READ_COLUMNS)
-        columns = wanted.to_dict(as_series=False)  # column by column: cheaper than a dict per row
+        columns = _columns(wanted)
         rows = (dict(zip(_READ_COLUMNS, values)) for values in zip(*(columns[c] for c in _READ_COLUMNS)))
-        return {row["prediction_id"]: nirs4all_arrays(row, decode_target_array) for row in rows}
+        # The first decode of a text is handed out as is and copied for the later rows: every copy
+        # is made before this returns, so before nirs4all changes any of them.
+        seen: dict[str, Any] = {}
+        return {row["prediction_id"]: nirs4all_arrays(row, decode_target_array, seen) for row in rows}
 
     def load_single(self, prediction_id: str, dataset_name: str | None = None) -> dict[str, Any] | None:
         return self.load_batch([prediction_id], dataset_name=dataset_name).get(prediction_id)
