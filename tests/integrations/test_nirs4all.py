@@ -413,6 +413,9 @@ def test_registered_artifacts_follow_nirs4alls_conventions(tmp_path):
     joblib.dump({"coef": [1, 2]}, target)
     digest = "sha256:" + hashlib.sha256(target.read_bytes()).hexdigest()
     args = ("run$x:0", "ab/model_x.joblib", digest, "Op", "model", "joblib", target.stat().st_size)
+    for bad in ("sha256:zz", "sha256:" + "A" * 64, "", None):  # refused at the call, nothing recorded
+        with pytest.raises((ValueError, TypeError), match="content_hash"):
+            store.register_existing_artifact("run$x:0", "ab/model_x.joblib", bad, "Op", "model", "joblib", 1)
     assert store.register_existing_artifact(*args) == "run$x:0"
     assert store.register_existing_artifact(*args) == "run$x:0"  # idempotent
     assert store.get_artifact_path("run$x:0") == target

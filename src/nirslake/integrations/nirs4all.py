@@ -511,6 +511,11 @@ class Nirs4allStore(WorkspaceStore):
         again with other content or format is refused, as nirs4all refuses it."""
         V.text("artifact_id", artifact_id, allow_none=False)
         path = V.text("path", os.fspath(path), allow_none=False)
+        if not art.is_hash(content_hash):
+            raise ValueError(
+                f"content_hash of artifact {artifact_id!r} must be a sha256 digest ('sha256:' and 64 "
+                f"lowercase hex, as nirs4all writes it, or the 64 hex alone), got {content_hash!r}"
+            )
         rel = path if (os.path.isabs(path) or "://" in path) else f"artifacts/{path}"
         with self._lock:
             self._check_open()

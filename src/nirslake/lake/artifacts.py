@@ -143,6 +143,11 @@ def bare_hash(content_hash: str) -> str:
     return content_hash[7:] if isinstance(content_hash, str) and content_hash.startswith("sha256:") else content_hash
 
 
+def is_hash(content_hash: object) -> bool:
+    """Whether ``content_hash`` is a sha256 digest: 64 lowercase hex, with or without ``sha256:``."""
+    return isinstance(content_hash, str) and _SHA256.fullmatch(bare_hash(content_hash)) is not None
+
+
 def put_object(storage: Storage, data: bytes) -> tuple[str, str]:
     """Store ``data`` under its hash, once; returns (hash, relative path).
 
