@@ -167,6 +167,46 @@ def test_polars_decoding_gives_the_rows_and_types_of_the_pyarrow_read(workspace)
         assert round(row["created_at"].timestamp() * 1000) == now // 1000
 
 
+def test_tables_read_together_equal_each_read_alone(workspace):
+    """``LakeReads.frames`` (one decoding round, one rules query for several tables: a nirs4all
+    reload) gives each table's current rows exactly as its own ``frame`` does, on a lake with
+    re-saved rows, deletions and a deleted run; a partition's rows too, and the files of mixed
+    tables decoded in one round (``FileCache.frames_of``) are those decoded table by table."""
+    build_lake(workspace)
+    tdefs = (S.PREDICTIONS, S.PREDICTION_ARRAYS, S.RUNS, S.PIPELINES, S.CHAINS, S.LOGS)
+    with WorkspaceStore(workspace) as alone, WorkspaceStore(workspace) as together:
+        for dataset in (None, "wheat"):
+            snap = together._reads.snapshot()
+            batched = together._reads.frames(tdefs, snap, dataset)
+            for tdef, frame in zip(tdefs, batched):
+                expected = alone._reads.frame(tdef, dataset).collect()
+                assert frame.equals(expected), (tdef.name, dataset)
+            assert batched[0].height > 0 and set(batched[0]["dataset_name"]) == ({"wheat"} if dataset else set(DATASETS))
+        storage = Storage(workspace)
+        files = [(rel, tdef) for tdef in tdefs for rel in tables.with_rows(snap.table_files(tdef))]
+        mixed = FileCache().frames_of(storage, files)
+        for (rel, tdef), frame in zip(files, mixed):
+            assert frame.equals(FileCache().frames(storage, [rel], tdef)[0]), rel
+
+
+def test_a_partition_read_keeps_only_its_rows_whatever_a_file_holds(workspace):
+    """A partition's files hold its rows only, as written, and its read then skips the filter; a
+    file put there by hand with rows of another dataset still gives only the partition's rows."""
+    facts = build_lake(workspace)
+    storage = Storage(workspace)
+    now = CLOCK.now_us()
+    stray = pa.table({"prediction_id": ["stray-1"], "dataset_name": ["soy"], "partition": ["val"],
+                      "run_id": [next(iter(facts["live"].values()))["run"]],
+                      "created_at": pa.array([now], pa.timestamp("us", tz="UTC"))})
+    storage.publish(f"{tables.partition_dir(S.PREDICTIONS, 'corn')}/part-{now:014x}-{'e' * 32}.parquet", to_parquet_bytes(stray))
+    with WorkspaceStore(workspace) as store:
+        corn = store._reads.frame(S.PREDICTIONS, "corn").collect()  # the partition read every query builds on
+        assert corn.height > 0 and set(corn["dataset_name"]) == {"corn"}
+        assert "stray-1" not in corn["prediction_id"].to_list()
+        assert {r["prediction_id"] for r in store.query_predictions(dataset_name="wheat").to_dicts()} == {
+            k for k, v in facts["live"].items() if v["dataset"] == "wheat"}
+
+
 def test_a_damaged_file_is_named_by_the_polars_read_too(workspace):
     build_lake(workspace)
     storage = Storage(workspace)

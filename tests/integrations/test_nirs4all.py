@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 
 nirs4all = pytest.importorskip("nirs4all", reason="the nirs4all extra (pip install nirslake[nirs4all]) is not installed")
@@ -298,6 +299,85 @@ def test_load_batch_reads_each_dataset_once(tmp_path, monkeypatch):
         monkeypatch.setattr(type(reopened._reads), "frame", lambda self, *a, **k: calls.append(a) or real_frame(self, *a, **k))
         got = reopened.array_store.load_batch(ids, dataset_name="ds")
     assert len(got) == 40 and len(calls) == 1
+
+
+def _decoded_files(monkeypatch) -> list[str]:
+    """The data files decoded from here on (each decoding round's files, in order)."""
+    from nirslake.lake import tables
+
+    seen: list[str] = []
+    real = tables._decode_frames
+    monkeypatch.setattr(tables, "_decode_frames", lambda storage, rels, *a: seen.extend(rels) or real(storage, rels, *a))
+    return seen
+
+
+def test_a_reload_query_decodes_what_the_reload_reads_next_in_one_round(tmp_path, monkeypatch):
+    """``query_predictions`` of a whole dataset is how ``Predictions.from_workspace`` begins: the
+    run, pipelines, chains and (a small local partition) arrays are decoded with the predictions,
+    in one round, and the reads that follow decode nothing. A filtered query decodes no arrays,
+    nor does one whose arrays exceed the bound; the answers are the same either way."""
+    store, pipe, ids = _lake_with_predictions(tmp_path / "lake", n=3)
+    store.array_store.save_batch(_records(ids, "ds"))
+    store.close()
+    answers = []
+    for bound, query in ((integ.Nirs4allStore.PREFETCH_ARRAY_BYTES, {"dataset_name": "ds"}),
+                         (integ.Nirs4allStore.PREFETCH_ARRAY_BYTES, {"dataset_name": "ds", "fold_id": "1"}),
+                         (0, {"dataset_name": "ds"})):
+        monkeypatch.setattr(integ.Nirs4allStore, "PREFETCH_ARRAY_BYTES", bound)
+        with integ.Nirs4allStore(tmp_path / "lake") as reopened:
+            decoded = _decoded_files(monkeypatch)
+            frame = reopened.query_predictions(**query)
+            first = list(decoded)
+            arrays = reopened.array_store.load_batch(frame["prediction_id"].to_list(), dataset_name="ds")
+            pipeline, chains = reopened.get_pipeline(pipe), reopened.get_chains_for_pipeline(pipe)
+            run = reopened.get_run(pipeline["run_id"])
+            answers.append((frame.height, sorted(arrays), pipeline["name"], chains.height, run["name"]))
+            later = decoded[len(first):]
+        tables_first = {rel.split("/")[1] for rel in first}
+        assert {"predictions", "runs", "pipelines", "chains"} <= tables_first, first
+        if bound and len(query) == 1:
+            assert "prediction_arrays" in tables_first and later == []  # nothing left to decode
+        else:
+            assert "prediction_arrays" not in tables_first
+            assert {rel.split("/")[1] for rel in later} == {"prediction_arrays"}
+    assert answers[0] == answers[2] == (3, sorted(ids), "p", 1, "r")
+    assert answers[1][0] == 1 and answers[1][2:] == answers[0][2:]
+
+
+def test_chains_of_each_pipeline_in_creation_order_when_saved_interleaved(tmp_path):
+    """The chains index keeps each pipeline's chains together, in creation order, whatever order
+    pipelines' chains were saved in; a frame handed out is the caller's (changing it changes no
+    later answer)."""
+    a = integ.Nirs4allStore(tmp_path)
+    run = a.begin_run("r", {}, [{"name": "ds"}])
+    pipes = [a.begin_pipeline(run, f"p{i}", {}, [], "ds", "h") for i in range(3)]
+    saved: dict[str, list[str]] = {p: [] for p in pipes}
+    for k in range(4):
+        for p in reversed(pipes):
+            saved[p].append(a.save_chain(p, [], k, f"m{k}", "", "per_fold", {}, {}, dataset_name="ds"))
+    a.close()
+    with integ.Nirs4allStore(tmp_path) as b:
+        for p in pipes:
+            chains = b.get_chains_for_pipeline(p)
+            assert chains["chain_id"].to_list() == saved[p] and set(chains["pipeline_id"]) == {p}
+            chains.insert_column(0, pl.Series("extra", [1] * chains.height))
+            chains[0, "chain_id"] = "changed"
+            assert b.get_chains_for_pipeline(p)["chain_id"].to_list() == saved[p]
+        assert b.get_chains_for_pipeline("none").columns == b.get_chains_for_pipeline(pipes[0]).columns
+
+
+def test_flat_lists_read_every_chunk_of_a_column():
+    """A column of several chunks (a file's row groups; one of them a slice) with null rows gives
+    each row's values, as the row's own writable array."""
+    from nirslake.integrations.nirs4all_arrays import _flat_lists
+
+    rows = [[1.0, 2.0], None, [], [3.5], [4.0, 5.0, 6.0], None, [7.0]]
+    whole = pa.array(rows, pa.large_list(pa.float64()))
+    chunked = pa.chunked_array([whole.slice(0, 2), whole.slice(2, 3), pa.array(rows[5:], pa.large_list(pa.float64()))])
+    got = _flat_lists(chunked, np.float64)
+    assert [None if g is None else g.tolist() for g in got] == rows
+    got[0][0] = 99.0
+    assert whole[0].as_py() == [1.0, 2.0] and _flat_lists(chunked, np.int32)[4].dtype == np.int32
 
 
 def test_load_batch_shares_nothing_between_predictions(tmp_path):

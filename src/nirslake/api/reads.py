@@ -102,35 +102,71 @@ class LakeReads:
                 return lease[2]
         return None
 
+    def prefetch(self, tdefs: tuple[S.TableDef, ...], snap: Snapshot, dataset_name: str | None = None) -> None:
+        """Decode the files of ``tdefs`` (of ``dataset_name``'s partition, for a partitioned one)
+        in ``snap`` not decoded yet, all in one round, for a caller that reads those tables next:
+        each first read of a table alone pays polars' fixed cost again. Only the decoding is
+        shared: each read still lists and applies the rules on its own."""
+        files = []
+        for tdef in tdefs:
+            part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
+            files += [(rel, tdef) for rel in with_rows(snap.table_files(tdef, part))]
+        self.cache.frames_of(self.storage, files)
+
     def frame(self, tdef: S.TableDef, dataset_name: str | None = None, snap: Snapshot | None = None) -> pl.LazyFrame:
         """The table's current rows (read rules applied), after publishing this process's writes.
 
         The resolved table is cached until a file of the table, or a deletion, comes or goes.
         """
         snap = snap or self.snapshot(tables=listed_for(tdef))
-        part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
-        rels = snap.table_files(tdef, part)
+        return self.frames((tdef,), snap, dataset_name)[0].lazy()
+
+    def frames(
+        self, tdefs: tuple[S.TableDef, ...], snap: Snapshot, dataset_name: str | None = None
+    ) -> list[pl.DataFrame]:
+        """``frame`` of several tables of one snapshot, their files decoded in one round and
+        their rules run in one ``collect_all``: each round and each query has a fixed cost in
+        polars that a read of a few small tables (a nirs4all reload) otherwise pays per table."""
         deletion_rels = snap.table_files(S.DELETIONS)
-        cache_key = (tdef.name, dataset_name, tuple(rels), tuple(deletion_rels))
-        if cache_key in self.resolved:
-            return self.resolved[cache_key].lazy()
-        deletion_data, data = with_rows(deletion_rels), with_rows(rels)
-        deletions = pl.concat(self.cache.frames(self.storage, deletion_data, S.DELETIONS)) if deletion_data else None
-        raw = pl.concat(self.cache.frames(self.storage, data, tdef)) if data else pl.DataFrame(schema=polars_schema(tdef))
-        # Most tables hold each key once (a sweep rarely re-saves): then there is no version to pick.
-        keys_unique = tdef.version_column is not None and raw[tdef.key].n_unique() == raw.height
-        frame = raw.lazy()
-        if part is not ...:
-            frame = frame.filter(pl.col("dataset_name") == dataset_name)
-        # No deletion records (the common case): nothing to join them with.
-        live = None if deletions is None or deletions.height == 0 else deletions.lazy()
-        if live is None and part is ... and (keys_unique or tdef.version_column is None):
-            resolved = raw  # no rule has anything to do: the rows as read (no query to run)
-        else:
-            resolved = resolve(frame, tdef, live, keys_unique).collect()
-        self.resolved = {k: v for k, v in self.resolved.items() if k[:2] != cache_key[:2]}
-        self.resolved[cache_key] = resolved
-        return resolved.lazy()
+        keys, missing = [], {}
+        for tdef in tdefs:
+            part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
+            rels = snap.table_files(tdef, part)
+            key = (tdef.name, dataset_name, tuple(rels), tuple(deletion_rels))
+            keys.append(key)
+            if key not in self.resolved:
+                missing[key] = (tdef, part, with_rows(rels))
+        if missing:
+            deletion_data = with_rows(deletion_rels)
+            decoded = self.cache.frames_of(
+                self.storage,
+                [(rel, S.DELETIONS) for rel in deletion_data]
+                + [(rel, tdef) for tdef, _, data in missing.values() for rel in data],
+            )
+            deletions = pl.concat(decoded[: len(deletion_data)]) if deletion_data else None
+            # No deletion records (the common case): nothing to join them with.
+            live = None if deletions is None or deletions.height == 0 else deletions.lazy()
+            done, plans, at = {}, {}, len(deletion_data)
+            for key, (tdef, part, data) in missing.items():
+                pieces, at = decoded[at: at + len(data)], at + len(data)
+                raw = pl.concat(pieces) if pieces else pl.DataFrame(schema=polars_schema(tdef))
+                # Most tables hold each key once (a sweep rarely re-saves): then there is no version to pick.
+                keys_unique = tdef.version_column is not None and raw[tdef.key].n_unique() == raw.height
+                if part is not ... and raw["dataset_name"].eq_missing(dataset_name).all():
+                    part = ...  # the partition's files hold its rows only (as written): no filter, no copy
+                if live is None and part is ... and (keys_unique or tdef.version_column is None):
+                    done[key] = raw  # no rule has anything to do: the rows as read (no query to run)
+                    continue
+                frame = raw.lazy()
+                if part is not ...:
+                    frame = frame.filter(pl.col("dataset_name") == dataset_name)
+                plans[key] = resolve(frame, tdef, live, keys_unique)
+            if plans:
+                done.update(zip(plans, pl.collect_all(list(plans.values()))))
+            names = {key[:2] for key in missing}
+            self.resolved = {k: v for k, v in self.resolved.items() if k[:2] not in names}
+            self.resolved.update(done)
+        return [self.resolved[key] for key in keys]
 
     def row(
         self, tdef: S.TableDef, key: str, dataset_name: str | None = None, snap: Snapshot | None = None

@@ -135,7 +135,13 @@ def nirs4all_arrays(row: dict, decode_target_array: Any = None, seen: dict | Non
         from nirs4all.data._predictions.target_codec import decode_target_array
     arrays: dict[str, Any] = {}
     for field in ("y_true", "y_pred"):
-        encoded = row.get(f"{field}_labels")
+        encoded, values = row.get(f"{field}_labels"), row.get(field)
+        if encoded is None and isinstance(values, np.ndarray) and values.dtype == np.float64:
+            # Numeric targets: what decode_target_array gives (the values as float64, in their
+            # stored shape), from the row's own copy instead of a second one.
+            shape = row.get(f"{field}_shape")
+            arrays[field] = values if shape is None else values.reshape(shape)
+            continue
         view = {field: row.get(field), f"{field}_shape": row.get(f"{field}_shape"), f"{field}_labels": encoded}
         if encoded is not None:
             view["task_type"] = "classification"  # labels are only ever encoded for a classification task
@@ -166,22 +172,24 @@ _READ_COLUMNS = (
 # The flat numeric lists: each row's values come out as a numpy slice of the column's one buffer
 # rather than as a Python list converted back (most of a reload's cost otherwise).
 _FLAT_COLUMNS = {"y_true": np.float64, "y_pred": np.float64, "weights": np.float64, "X": np.float64,
-                 "spectra": np.float64, "sample_indices": np.int64}
+                 "spectra": np.float64, "sample_indices": np.int32}  # int32: as nirs4all's load_batch
 
 
 def _flat_lists(array: pa.Array | pa.ChunkedArray, dtype: Any) -> list[np.ndarray | None]:
-    """Each row of a ``list<number>`` column as its own (writable) numpy array, None when null."""
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    if len(array) == 0:
-        return []
-    offsets = array.offsets.to_numpy()
-    values = array.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    nulls = array.is_null().to_numpy(zero_copy_only=False) if array.null_count else None
-    return [
-        None if nulls is not None and nulls[i] else values[offsets[i]:offsets[i + 1]].copy()
-        for i in range(len(array))
-    ]
+    """Each row of a ``list<number>`` column as its own (writable) numpy array, None when null;
+    chunk by chunk (a file's row groups), never joined into one buffer first."""
+    out: list[np.ndarray | None] = []
+    for chunk in array.chunks if isinstance(array, pa.ChunkedArray) else [array]:
+        if len(chunk) == 0:
+            continue
+        offsets = chunk.offsets.to_numpy()
+        values = chunk.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+        if chunk.null_count:
+            nulls = chunk.is_null().to_numpy(zero_copy_only=False)
+            out += [None if nulls[i] else values[offsets[i]:offsets[i + 1]].copy() for i in range(len(chunk))]
+        else:
+            out += [values[offsets[i]:offsets[i + 1]].copy() for i in range(len(chunk))]
+    return out
 
 
 def _columns(frame: pl.DataFrame) -> dict[str, list]:
@@ -240,7 +248,10 @@ class LakeArrayStore:
             frame = self._frame(dataset_name)
         from nirs4all.data._predictions.target_codec import decode_target_array
 
-        wanted = frame.filter(pl.col("prediction_id").is_in(list(set(prediction_ids)))).select(_READ_COLUMNS)
+        ids = set(prediction_ids)
+        if not ids.issuperset(frame.get_column("prediction_id").to_list()):  # a reload asks for all
+            frame = frame.filter(pl.col("prediction_id").is_in(list(ids)))
+        wanted = frame.select(_READ_COLUMNS)
         columns = _columns(wanted)
         rows = (dict(zip(_READ_COLUMNS, values)) for values in zip(*(columns[c] for c in _READ_COLUMNS)))
         # The first decode of a text is handed out as is and copied for the later rows: every copy

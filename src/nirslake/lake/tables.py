@@ -324,17 +324,19 @@ def _decoding(rel: str):
         raise CorruptFileError(rel, exc) from exc
 
 
-def _decode_frames(storage: Storage, rels: list[str], sources: list, tdef: TableDef) -> list[pl.DataFrame]:
-    """polars frames of ``rels`` (local paths or fetched bytes in ``sources``), conformed to the
-    table's schema as ``conform`` does. A file polars cannot take as it is (a column of another
-    type, a damaged or vanished file) goes through pyarrow instead, which casts like ``conform``
-    and names a damaged file in its error (``CorruptFileError``), or raises FileNotFoundError."""
-    schema = polars_schema(tdef)
+def _decode_frames(storage: Storage, rels: list[str], sources: list, tdefs: list[TableDef]) -> list[pl.DataFrame]:
+    """polars frames of ``rels`` (local paths or fetched bytes in ``sources``; each file of the
+    table in ``tdefs`` at its place), conformed to the table's schema as ``conform`` does, all
+    in one ``collect_all`` (polars decodes them in parallel). A file polars cannot take as it is
+    (a column of another type, a damaged or vanished file) goes through pyarrow instead, which
+    casts like ``conform`` and names a damaged file in its error (``CorruptFileError``), or
+    raises FileNotFoundError."""
     plans = [
         pl.scan_parquet(
-            source, schema=schema, missing_columns="insert", extra_columns="ignore", hive_partitioning=False, glob=False
+            source, schema=polars_schema(tdef), missing_columns="insert", extra_columns="ignore",
+            hive_partitioning=False, glob=False,
         )
-        for source in sources
+        for source, tdef in zip(sources, tdefs)
     ]
     try:
         return pl.collect_all(plans)
@@ -342,7 +344,7 @@ def _decode_frames(storage: Storage, rels: list[str], sources: list, tdef: Table
         if isinstance(exc, (KeyboardInterrupt, SystemExit, MemoryError)):
             raise
     frames = []
-    for rel, source in zip(rels, sources):
+    for rel, source, tdef in zip(rels, sources, tdefs):
         with _decoding(rel), (pa.OSFile(source) if storage.is_local else pa.BufferReader(arrow_owned(source))) as fh:
             frames.append(pl.from_arrow(conform(pq.ParquetFile(fh).read(), tdef.schema)))
     return frames
@@ -411,24 +413,30 @@ class FileCache:
         """Files as polars frames (no read rules applied), for the reads that rank or filter a
         whole table. polars decodes Parquet about twice as fast as pyarrow plus ``from_arrow``,
         and reads the files of one call in parallel; the rows are the same as ``read``'s."""
+        return self.frames_of(storage, [(rel, tdef) for rel in rels])
+
+    def frames_of(self, storage: Storage, files: list[tuple[str, TableDef]]) -> list[pl.DataFrame]:
+        """``frames`` of files of several tables (each ``(rel, its table)``), the ones not
+        decoded yet in one round: a read that will want several tables (nirs4all's reload reads
+        predictions, then runs, pipelines and chains) pays polars' fixed cost per round once."""
         found: dict[str, pl.DataFrame] = {}
         with self._lock:
-            for rel in rels:
+            for rel, _ in files:
                 hit = self._frames.get(rel)
                 if hit is not None:
                     found[rel] = hit
-        missing = [rel for rel in dict.fromkeys(rels) if rel not in found]
-        rounds = [missing] if storage.is_local else _fetch_rounds(missing, {})
-        for batch in rounds:
-            if not batch:
+        missing = {rel: tdef for rel, tdef in files if rel not in found}
+        rounds = [list(missing)] if storage.is_local else _fetch_rounds(list(missing), {})
+        for rels in rounds:
+            if not rels:
                 continue
-            fetched = storage.read_many(batch) if not storage.is_local else {}
-            sources = [storage.path(rel) if storage.is_local else fetched.pop(rel) for rel in batch]
-            for rel, frame in zip(batch, _decode_frames(storage, batch, sources, tdef)):
+            fetched = storage.read_many(rels) if not storage.is_local else {}
+            sources = [storage.path(rel) if storage.is_local else fetched.pop(rel) for rel in rels]
+            for rel, frame in zip(rels, _decode_frames(storage, rels, sources, [missing[rel] for rel in rels])):
                 found[rel] = frame
                 with self._lock:
                     self._frames[rel] = frame
-        return [found[rel] for rel in rels]
+        return [found[rel] for rel, _ in files]
 
     def key_rows(self, storage: Storage, rels: list[str], tdef: TableDef, key: str) -> pa.Table:
         """The stored rows of ``key`` in ``rels``, in file then row order: single-row lookups
