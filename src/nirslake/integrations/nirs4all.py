@@ -141,6 +141,7 @@ class Nirs4allStore(WorkspaceStore):
         # Per-table indexes of the current rows, valid while the table's files (and the
         # deletions) are the same: a reload asks for each pipeline and its chains in turn.
         self._indexes: dict[str, tuple[tuple, dict, tuple | None]] = {}
+        self._stamp_folders: dict[str, tuple[str, ...]] = {}
         # The chains this store saved, by pipeline: nirs4all reads a pipeline's chains right after
         # saving them, which this answers without publishing (one file per pipeline otherwise).
         self._own_chains: Recent = Recent(10_000)
@@ -265,8 +266,11 @@ class Nirs4allStore(WorkspaceStore):
         off a local disk. A file published, renamed or removed in one changes its time."""
         if not self._storage.is_local:
             return None
+        folders = self._stamp_folders.get(tdef.name)
+        if folders is None:  # asked for on every call of a reload: joined once
+            folders = self._stamp_folders[tdef.name] = tuple(self._storage.path(t.dir) for t in (tdef, S.DELETIONS, S.COMMITS))
         try:
-            times = tuple(os.stat(self._storage.path(t.dir)).st_mtime_ns for t in (tdef, S.DELETIONS, S.COMMITS))
+            times = tuple(os.stat(folder).st_mtime_ns for folder in folders)
         except OSError:
             return None
         return times if time.time_ns() - max(times) > self.SETTLED_SECONDS * 1e9 else None
