@@ -510,9 +510,9 @@ class WorkspaceStore:
                 row.update(self._reads.arrays(prediction_id, row["dataset_name"], snap))
             return row
 
-    def _predictions(self, dataset_name: str | None = None) -> pl.LazyFrame:
+    def _predictions(self, dataset_name: str | None = None) -> pl.DataFrame:
         exact = dataset_name if (dataset_name is not None and "%" not in dataset_name) else None
-        return self._reads.frame(S.PREDICTIONS, exact)
+        return self._reads.table(S.PREDICTIONS, exact)
 
     @leasable
     def query_predictions(
@@ -534,9 +534,8 @@ class WorkspaceStore:
         with self._lock:
             self._check_open()
             frame = self._predictions(dataset_name)
-        frame = frame.filter(*exprs) if exprs else frame
-        frame = frame.sort(["created_at", "prediction_id"]).slice(offset, limit)
-        return frame.collect()
+        frame = frame.filter(*exprs) if exprs else frame  # eager: planning a lazy query cost more
+        return frame.sort(["created_at", "prediction_id"]).slice(offset, limit)
 
     @leasable
     def top_predictions(
@@ -561,7 +560,7 @@ class WorkspaceStore:
         exprs = filter_exprs({"partition": partition, "dataset_name": dataset_name})
         with self._lock:
             self._check_open()
-            frame = self._predictions(dataset_name)
+            frame = self._predictions(dataset_name).lazy()
         if exprs:
             frame = frame.filter(*exprs)
         if metric not in numeric:

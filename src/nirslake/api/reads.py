@@ -118,8 +118,13 @@ class LakeReads:
 
         The resolved table is cached until a file of the table, or a deletion, comes or goes.
         """
+        return self.table(tdef, dataset_name, snap).lazy()
+
+    def table(self, tdef: S.TableDef, dataset_name: str | None = None, snap: Snapshot | None = None) -> pl.DataFrame:
+        """``frame`` as the frame in memory it is, for eager work on it (a lazy query over a
+        frame of a few thousand rows costs more in planning than in running)."""
         snap = snap or self.snapshot(tables=listed_for(tdef))
-        return self.frames((tdef,), snap, dataset_name)[0].lazy()
+        return self.frames((tdef,), snap, dataset_name)[0]
 
     def frames(
         self, tdefs: tuple[S.TableDef, ...], snap: Snapshot, dataset_name: str | None = None

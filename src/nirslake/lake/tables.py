@@ -331,15 +331,23 @@ def _decode_frames(storage: Storage, rels: list[str], sources: list, tdefs: list
     (a column of another type, a damaged or vanished file) goes through pyarrow instead, which
     casts like ``conform`` and names a damaged file in its error (``CorruptFileError``), or
     raises FileNotFoundError."""
-    plans = [
-        pl.scan_parquet(
-            source, schema=polars_schema(tdef), missing_columns="insert", extra_columns="ignore",
-            hive_partitioning=False, glob=False,
-        )
-        for source, tdef in zip(sources, tdefs)
-    ]
+    schemas = [polars_schema(tdef) for tdef in tdefs]
     try:
-        return pl.collect_all(plans)
+        # Read as written: a file of the table's current schema (every file this version writes)
+        # needs no casting, and polars' casting reader costs more per file. Only the files that
+        # turn out otherwise (an older format, a foreign writer) are read again, cast.
+        frames = pl.collect_all([pl.scan_parquet(source, hive_partitioning=False, glob=False) for source in sources])
+        other = [i for i, (frame, schema) in enumerate(zip(frames, schemas)) if frame.schema != schema]
+        cast = pl.collect_all([
+            pl.scan_parquet(
+                sources[i], schema=schemas[i], missing_columns="insert", extra_columns="ignore",
+                hive_partitioning=False, glob=False,
+            )
+            for i in other
+        ]) if other else []
+        for i, frame in zip(other, cast):
+            frames[i] = frame
+        return frames
     except BaseException as exc:  # noqa: BLE001 - polars raises its own errors and Rust panics
         if isinstance(exc, (KeyboardInterrupt, SystemExit, MemoryError)):
             raise
