@@ -25,7 +25,7 @@ from .api import bundles, exports, gc, records
 from .api import validation as V
 from .api.known import Known
 from .api.records import checked_arrays_row, record_arrays
-from .api.reads import LakeReads, filter_exprs, leasable, log_summary, public
+from .api.reads import LakeReads, exact_dataset, filter_exprs, leasable, log_summary, public
 from .lake import artifacts as art
 from .lake import liveness
 from .lake import schema as S
@@ -511,8 +511,7 @@ class WorkspaceStore:
             return row
 
     def _predictions(self, dataset_name: str | None = None) -> pl.DataFrame:
-        exact = dataset_name if (dataset_name is not None and "%" not in dataset_name) else None
-        return self._reads.table(S.PREDICTIONS, exact)
+        return self._reads.table(S.PREDICTIONS, exact_dataset(dataset_name))
 
     @leasable
     def query_predictions(

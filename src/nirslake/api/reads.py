@@ -214,6 +214,12 @@ def _observe_stamps(rows: pa.Table, tdef: S.TableDef, deleted: Deleted, key: str
             CLOCK.observe(died)
 
 
+def exact_dataset(dataset_name: str | None) -> str | None:
+    """The one partition a ``dataset_name`` filter reads, or None (no filter, or a ``%`` pattern:
+    every partition, filtered by ``filter_exprs``)."""
+    return dataset_name if (dataset_name is not None and "%" not in dataset_name) else None
+
+
 def filter_exprs(filters: dict[str, Any]) -> list[pl.Expr]:
     """polars expressions for equality / LIKE filters; values are data, never SQL text."""
     exprs = []

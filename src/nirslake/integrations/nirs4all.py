@@ -30,7 +30,7 @@ import pyarrow as pa
 from ..api import records
 from ..api import validation as V
 from ..api.known import Recent
-from ..api.reads import public
+from ..api.reads import exact_dataset, public
 from ..lake import artifacts as art
 from ..lake import schema as S
 from ..lake.tables import CLOCK, with_rows
@@ -286,7 +286,7 @@ class Nirs4allStore(WorkspaceStore):
     def _prefetch(self, dataset_name: str | None, whole: bool) -> None:
         """Decode the reload's tables in one round (``LakeReads.prefetch``); files decoded
         before are not read again, so after the first query this only lists."""
-        exact = dataset_name if (dataset_name is not None and "%" not in dataset_name) else None
+        exact = exact_dataset(dataset_name)
         tables = self.RELOAD_TABLES
         with self._lock:
             self._check_open()
