@@ -182,6 +182,46 @@ def test_exported_bundle_predicts_equal(sweeps, engine):
     np.testing.assert_allclose(lake["bundle_prediction"], native["bundle_prediction"], rtol=1e-12, atol=0)
 
 
+def _time_kinds(value) -> dict:
+    """Each time of a read's result: a frame's Datetime dtypes, a dict's datetime zones."""
+    if isinstance(value, pl.DataFrame):
+        return {n: (t.time_unit, t.time_zone) for n, t in value.schema.items() if isinstance(t, pl.Datetime)}
+    return {k: getattr(v, "tzinfo", "not a time") for k, v in value.items() if k.endswith("_at") and v is not None}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_times_are_naive_utc_as_in_nirs4alls_store(sweeps, engine):
+    """nirs4all's store gives its times naive (UTC); the lake's reads through nirs4all give the
+    same kind, and the same instants as the lake's own UTC-aware ones."""
+    import datetime as dt
+
+    from nirs4all.pipeline.storage.workspace_store import WorkspaceStore as Native
+
+    from nirslake.store import WorkspaceStore as Lake
+
+    def reads(store) -> dict:
+        run = store.list_runs()["run_id"][0]
+        pipeline = store.list_pipelines()["pipeline_id"][0]
+        chain = store.get_chains_for_pipeline(pipeline)["chain_id"][0]
+        prediction = store.query_predictions()["prediction_id"][0]
+        return {
+            "get_run": store.get_run(run), "list_runs": store.list_runs(), "get_pipeline": store.get_pipeline(pipeline),
+            "list_pipelines": store.list_pipelines(), "get_chains_for_pipeline": store.get_chains_for_pipeline(pipeline),
+            "get_chain": store.get_chain(chain), "query_predictions": store.query_predictions(),
+            "get_prediction": store.get_prediction(prediction),
+        }
+
+    with Native(sweeps[engine, "nirs4all"]["ws"]) as native, integ.Nirs4allStore(sweeps[engine, "lake"]["ws"]) as lake:
+        theirs, ours = reads(native), reads(lake)
+        for call, value in theirs.items():
+            kinds = _time_kinds(value)
+            assert kinds and set(kinds.values()) <= {("us", None), None}, (call, kinds)
+            assert {k: kinds.get(k) for k in _time_kinds(ours[call])} == _time_kinds(ours[call]), call
+        run = ours["get_run"]["run_id"]
+        aware = Lake.get_run(lake, run)["created_at"]
+        assert aware.tzinfo is not None and ours["get_run"]["created_at"] == aware.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+
 # ---------------------------------------------------------------------- nothing nirs4all gives is dropped
 @pytest.fixture
 def installed():
@@ -410,10 +450,12 @@ def test_get_run_is_the_stores_and_sees_another_writer(tmp_path):
     writer = integ.Nirs4allStore(tmp_path)
     run = writer.begin_run("r", {"a": 1}, [{"name": "ds", "aggregate": "x"}])
     writer.flush()
-    assert reader.get_run(run) == WorkspaceStore.get_run(reader, run) and reader.get_run(run)["status"] == "running"
+    lake_row = integ.naive_utc(WorkspaceStore.get_run(reader, run))  # the lake's times, as nirs4all's kind
+    assert reader.get_run(run) == lake_row and reader.get_run(run)["status"] == "running"
     writer.complete_run(run, {"best": 1})
     got = reader.get_run(run)
-    assert got["status"] == "completed" and got["summary"] == {"best": 1} and got == WorkspaceStore.get_run(reader, run)
+    assert got["status"] == "completed" and got["summary"] == {"best": 1}
+    assert got == integ.naive_utc(WorkspaceStore.get_run(reader, run))
     assert reader.get_run("no-such-run") is None
     writer.close()
     reader.close()
