@@ -181,7 +181,7 @@ class LakeReads:
         snap = snap or self.snapshot(tables=listed_for(tdef))
         part = dataset_name if (dataset_name is not None and tdef.partition_by) else ...
         rels = snap.table_files(tdef, part)
-        if tdef.row_group_rows:
+        if tdef.row_group_bytes:
             rows = lookup(self.storage, tdef, self.cache, rels, {key})
         else:
             rows = self.cache.key_rows(self.storage, with_rows(rels), tdef, key)

@@ -353,7 +353,7 @@ def _resolved_copy(
         return {**previous, "table": tdef.name}
     with _decoding(rel), storage.open_arrow(rel) as fh:
         table = conform(pq.ParquetFile(fh).read(), tdef.schema)
-    data = to_parquet_bytes(table.take(pa.array(keep)), tdef.row_group_rows)
+    data = to_parquet_bytes(table.take(pa.array(keep)), tdef.row_group_bytes)
     copy = f"{posixpath.dirname(rel)}/{COPY_PREFIX}{CLOCK.now_us():014x}-{digest}.parquet"
     storage.publish(copy, data)
     counters["written"] += 1

@@ -175,17 +175,17 @@ def _mib(n: int) -> str:
     return f"{n / 1048576:.1f} MiB"
 
 
-def _encode_in_pieces(table: pa.Table, row_group_rows: int | None, target_bytes: int) -> list[bytes]:
+def _encode_in_pieces(table: pa.Table, row_group_bytes: int | None, target_bytes: int) -> list[bytes]:
     """Parquet files of about ``target_bytes`` each (none for no rows): encoded whole, then, when
     larger than the target, in as many equal slices of rows as the target needs."""
     if table.num_rows == 0:
         return []
-    whole = to_parquet_bytes(table, row_group_rows)
+    whole = to_parquet_bytes(table, row_group_bytes)
     pieces = min(table.num_rows, -(-len(whole) // target_bytes))
     if pieces <= 1:
         return [whole]
     step = -(-table.num_rows // pieces)
-    return [to_parquet_bytes(table.slice(start, step), row_group_rows) for start in range(0, table.num_rows, step)]
+    return [to_parquet_bytes(table.slice(start, step), row_group_bytes) for start in range(0, table.num_rows, step)]
 
 
 def compact_table(
@@ -230,7 +230,7 @@ def compact_table(
         if len(entries) < min_files and merged.height == raw.height:
             continue  # every row still counts: nothing to reclaim here
         added, size_out = [], 0
-        for data in _encode_in_pieces(conform(merged.to_arrow(), tdef.schema), tdef.row_group_rows, target_bytes):
+        for data in _encode_in_pieces(conform(merged.to_arrow(), tdef.schema), tdef.row_group_bytes, target_bytes):
             name = new_file_name(COMPACT_PREFIX)
             storage.publish(f"{folder}/{name}", data)
             added.append(name)

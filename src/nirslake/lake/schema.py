@@ -26,8 +26,9 @@ class TableDef:
     version_column: str | None = None
     # Column whose value names the hive partition folder (``dataset=<encoded>``).
     partition_by: str | None = None
-    # Large rows (arrays) get small row groups, so key lookups read little (spec §3); None: one per file.
-    row_group_rows: int | None = None
+    # Large rows (arrays) get row groups of about this many bytes in memory, so key lookups read
+    # little (spec §3); None: one per file.
+    row_group_bytes: int | None = None
 
     @property
     def dir(self) -> str:
@@ -194,7 +195,7 @@ PREDICTION_ARRAYS = TableDef(
     ),
     version_column="_version",
     partition_by="dataset_name",
-    row_group_rows=32,
+    row_group_bytes=128 * 1024,
 )
 
 ARTIFACTS = TableDef(
