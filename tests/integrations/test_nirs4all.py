@@ -336,8 +336,8 @@ def test_load_batch_reads_each_dataset_once(tmp_path, monkeypatch):
     store.close()
     with integ.Nirs4allStore(tmp_path / "lake") as reopened:
         calls = []
-        real_frame = type(reopened._reads).frame
-        monkeypatch.setattr(type(reopened._reads), "frame", lambda self, *a, **k: calls.append(a) or real_frame(self, *a, **k))
+        real_table = type(reopened._reads).table
+        monkeypatch.setattr(type(reopened._reads), "table", lambda self, *a, **k: calls.append(a) or real_table(self, *a, **k))
         got = reopened.array_store.load_batch(ids, dataset_name="ds")
     assert len(got) == 40 and len(calls) == 1
 

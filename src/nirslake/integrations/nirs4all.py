@@ -35,7 +35,7 @@ from ..api.known import Recent
 from ..api.reads import exact_dataset, public
 from ..lake import artifacts as art
 from ..lake import schema as S
-from ..lake.tables import CLOCK, with_rows
+from ..lake.tables import CLOCK, Snapshot, with_rows
 from ..store import WorkspaceStore
 from .nirs4all_arrays import LakeArrayStore
 from .nirs4all_readers import (
@@ -129,15 +129,23 @@ def naive_utc(value: Any) -> Any:
     naive, and polars turns an aware time into a Python value through the time zone database,
     row by row: a reload iterating the predictions three times paid 2-8 ms for it on 521 rows."""
     if isinstance(value, pl.DataFrame):
-        aware = [n for n, t in value.schema.items() if isinstance(t, pl.Datetime) and t.time_zone is not None]
-        if not aware:
-            return value
-        return value.with_columns(pl.col(n).dt.convert_time_zone("UTC").dt.replace_time_zone(None) for n in aware)
+        naive = _naive_columns(value)
+        return value.with_columns(naive) if naive else value
     if isinstance(value, dict):
         for key, item in value.items():
             if isinstance(item, dt.datetime) and item.tzinfo is not None:
                 value[key] = item.astimezone(dt.timezone.utc).replace(tzinfo=None)
     return value
+
+
+def _naive_columns(frame: pl.DataFrame) -> list[pl.Expr]:
+    """The frame's UTC-aware time columns, each made naive in UTC (none when it has none).
+    Names and dtypes as lists: ``frame.schema`` builds a checked ``pl.Schema`` (30 us)."""
+    return [
+        pl.col(name).dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+        for name, dtype in zip(frame.columns, frame.dtypes)
+        if isinstance(dtype, pl.Datetime) and dtype.time_zone is not None
+    ]
 
 
 def _naive_reads(cls: type) -> type:
@@ -164,8 +172,10 @@ class Nirs4allStore(WorkspaceStore):
     """
 
     # The reads nirs4all makes that hold times: their times are naive UTC, as in nirs4all's store.
+    # (``get_pipeline`` and ``get_chains_for_pipeline`` answer from indexes whose times are naive
+    # already: a reload calls them once per pipeline.)
     NAIVE_READS = (
-        "get_run", "list_runs", "get_pipeline", "list_pipelines", "get_chain", "get_chains_for_pipeline",
+        "get_run", "list_runs", "list_pipelines", "get_chain",
         "query_predictions", "get_prediction", "get_pipeline_log", "get_run_log_summary", "query_chain_summaries",
     )
 
@@ -324,13 +334,19 @@ class Nirs4allStore(WorkspaceStore):
 
     def _prefetch(self, dataset_name: str | None, whole: bool) -> None:
         """Decode the reload's tables in one round (``LakeReads.prefetch``); files decoded
-        before are not read again, so after the first query this only lists."""
+        before are not read again, so after the first query this only lists. For a reload's
+        query (``whole``) the indexes behind ``get_run``, ``get_pipeline`` and
+        ``get_chains_for_pipeline`` are built from the same listing, their read rules in the
+        predictions' round: a reload asks for them next."""
         exact = exact_dataset(dataset_name)
         tables = self.RELOAD_TABLES
         with self._lock:
             self._check_open()
             listed = tuple(t.name for t in tables) + (("prediction_arrays",) if whole else ())
-            snap = self._reads.snapshot(tables=listed)
+            if whole:
+                self._publish_for_read()  # before the folder times, which the publication changes
+                times = {t.name: self._folder_stamp(t) for t in self.INDEXED}
+            snap = self._reads.snapshot(publish=not whole, tables=listed)
             if whole and self._storage.is_local:
                 rels = with_rows(snap.table_files(S.PREDICTION_ARRAYS, ... if exact is None else exact))
                 try:
@@ -339,6 +355,8 @@ class Nirs4allStore(WorkspaceStore):
                     small = False
                 tables += (S.PREDICTION_ARRAYS,) if small else ()
             self._reads.prefetch(tables, snap, exact)
+            if whole:
+                self._build_indexes(self.INDEXED, snap, times, also=(S.PREDICTIONS,), dataset_name=exact)
 
     # The tables nirs4all asks row by row (the run, each pipeline and its chains), indexed.
     INDEXED = (S.RUNS, S.PIPELINES, S.CHAINS)
@@ -358,6 +376,16 @@ class Nirs4allStore(WorkspaceStore):
         # The folder times read before the listing: a change after them shows as a newer time.
         times = {t.name: folders if t is tdef else self._folder_stamp(t) for t in todo}
         snap = self._reads.snapshot(publish=False, tables=tuple(t.name for t in todo))
+        self._build_indexes(todo, snap, times)
+        return self._indexes[tdef.name][1]
+
+    def _build_indexes(
+        self, todo: tuple[S.TableDef, ...] | list[S.TableDef], snap: Snapshot, times: dict, also: tuple = (),
+        dataset_name: str | None = None,
+    ) -> None:
+        """The indexes of ``todo`` as of ``snap`` (``times``: each table's folder times, read
+        before the listing), rebuilding those whose files changed. ``also``: tables of
+        ``dataset_name`` whose rules run in the same round, for the read that follows."""
         stamps = {t.name: (tuple(snap.table_files(t)), tuple(snap.table_files(S.DELETIONS))) for t in todo}
         stale = []
         for t in todo:
@@ -366,20 +394,29 @@ class Nirs4allStore(WorkspaceStore):
                 self._indexes[t.name] = (stamps[t.name], kept[1], times[t.name])
             else:
                 stale.append(t)
-        for t, frame in zip(stale, self._reads.frames(tuple(stale), snap)):
+        if not stale:
+            return
+        frames = self._reads.frames(tuple(stale) + also, snap, dataset_name)[: len(stale)]
+        # Every index's rows in one polars round: each eager step costs a round of its own.
+        for t, frame in zip(stale, pl.collect_all([self._index_rows(t, f) for t, f in zip(stale, frames)])):
             self._indexes[t.name] = (stamps[t.name], self._build_index(t, frame), times[t.name])
-        return self._indexes[tdef.name][1]
+
+    @staticmethod
+    def _index_rows(tdef: S.TableDef, frame: pl.DataFrame) -> pl.LazyFrame:
+        """The rows an index holds: times naive (once here, not on each call that reads the
+        index), without the lake's own columns but a run's version (a read moves the clock
+        past it); chains by pipeline, each pipeline's in creation order."""
+        drop = ("artifact_ids",) if tdef is S.RUNS else ("_version", "artifact_ids")
+        rows = frame.lazy().with_columns(_naive_columns(frame)).drop([c for c in drop if c in frame.columns])
+        return rows.sort(["pipeline_id", "created_at", tdef.key]) if tdef is S.CHAINS else rows
 
     @staticmethod
     def _build_index(tdef: S.TableDef, frame: pl.DataFrame) -> dict:
-        frame = naive_utc(frame)  # once here, not on each call that reads the index
-        if tdef is S.RUNS:  # with each row's version: a read moves the clock past it
-            return {row["run_id"]: row for row in frame.drop("artifact_ids", strict=False).to_dicts()}
-        if tdef is S.PIPELINES:
-            return {row["pipeline_id"]: row for row in public(frame).to_dicts()}
-        # Each pipeline's chains together, in creation order: a call takes its span (a slice,
-        # which copies nothing; a gather per call cost 0.2 ms, splitting into frames 2 ms).
-        frame = public(frame).sort(["pipeline_id", "created_at", tdef.key])
+        """``{key: row dict}`` of ``_index_rows``' rows, or for chains their frame and each
+        pipeline's span of it: a call takes its span (a slice, which copies nothing; a gather
+        per call cost 0.2 ms, splitting into frames 2 ms)."""
+        if tdef is not S.CHAINS:
+            return {row[tdef.key]: row for row in frame.to_dicts()}
         spans: dict[str, list[int]] = {}
         for i, pid in enumerate(frame["pipeline_id"].to_list()):
             span = spans.setdefault(pid, [i, 0])
@@ -418,7 +455,7 @@ class Nirs4allStore(WorkspaceStore):
             own = self._own_chains.get(pipeline_id)
             if own is not None and pipeline_id in self._known.pipelines:
                 table = pa.Table.from_pylist(own, schema=S.CHAINS.schema)
-                return public(pl.from_arrow(table))
+                return naive_utc(public(pl.from_arrow(table)))
             index = self._index(S.CHAINS)
         start, length = index["spans"].get(pipeline_id, (0, 0))
         return index["frame"].slice(start, length)
@@ -800,10 +837,6 @@ def install() -> Callable[[], None]:
 def uninstall() -> None:
     """Give nirs4all its own store and readers back (what ``install()`` returned)."""
     global _INSTALLED
-    # The local filesystem of fsspec, imported now rather than inside the first store a
-    # reload opens (it costs that reload ~30 ms).
-    import fsspec.implementations.local  # noqa: F401
-
     with _INSTALL_LOCK:
         if _INSTALLED is None:
             return

@@ -129,37 +129,61 @@ def _meta(text: str | None, seen: dict | None = None) -> dict:
     return value
 
 
-def nirs4all_arrays(row: dict, decode_target_array: Any = None, seen: dict | None = None) -> dict[str, Any]:
-    """A lake row back as nirs4all's ``load_batch`` gives it (``seen``: see :func:`_meta`)."""
-    if decode_target_array is None:
-        from nirs4all.data._predictions.target_codec import decode_target_array
-    arrays: dict[str, Any] = {}
-    for field in ("y_true", "y_pred"):
-        encoded, values = row.get(f"{field}_labels"), row.get(field)
-        if encoded is None and isinstance(values, np.ndarray) and values.dtype == np.float64:
+def _targets(field: str, values: list, shapes: list, labels: list, decode_target_array: Any) -> list:
+    """The ``field`` (y_true or y_pred) of each row as nirs4all's ``load_batch`` gives it."""
+    out = []
+    for value, shape, encoded in zip(values, shapes, labels):
+        if encoded is None and type(value) is np.ndarray and value.dtype == np.float64:
             # Numeric targets: what decode_target_array gives (the values as float64, in their
             # stored shape), from the row's own copy instead of a second one.
-            shape = row.get(f"{field}_shape")
-            arrays[field] = values if shape is None else values.reshape(shape)
+            out.append(value if shape is None else value.reshape(shape))
             continue
-        view = {field: row.get(field), f"{field}_shape": row.get(f"{field}_shape"), f"{field}_labels": encoded}
+        view = {field: value, f"{field}_shape": shape, f"{field}_labels": encoded}
         if encoded is not None:
             view["task_type"] = "classification"  # labels are only ever encoded for a classification task
-        arrays[field] = decode_target_array(view, field)
-    proba = row.get("y_proba")
-    if proba is not None:
-        flat = np.asarray([v for inner in proba for v in inner], dtype=np.float64) if len(proba) else np.empty(0)
-        arrays["y_proba"] = _reshaped(flat, row.get("y_proba_shape"))
-    else:
-        arrays["y_proba"] = None
-    arrays["weights"] = None if row.get("weights") is None else np.asarray(row["weights"], dtype=np.float64)
-    arrays["X"] = _reshaped(row.get("X"), row.get("X_shape"))
-    arrays["spectra"] = _reshaped(row.get("spectra"), row.get("spectra_shape"))
-    indices = row.get("sample_indices")
-    arrays["sample_indices"] = None if indices is None else np.asarray(indices, dtype=np.int32)
-    arrays["sample_metadata"] = _meta(row.get("sample_metadata"), seen)
-    arrays["result_metadata"] = _meta(row.get("result_metadata"), seen)
-    return arrays
+        out.append(decode_target_array(view, field))
+    return out
+
+
+def _probabilities(proba: Any, shape: Any) -> np.ndarray:
+    flat = np.asarray([v for inner in proba for v in inner], dtype=np.float64) if len(proba) else np.empty(0)
+    return _reshaped(flat, shape)
+
+
+def _all_none(values: list) -> bool:
+    return all(value is None for value in values)
+
+
+# What ``load_batch`` gives per prediction, in nirs4all's order.
+_ARRAY_KEYS = ("y_true", "y_pred", "y_proba", "weights", "X", "spectra", "sample_indices", "sample_metadata", "result_metadata")
+
+
+def nirs4all_arrays(columns: dict[str, list], decode_target_array: Any = None) -> list[dict[str, Any]]:
+    """The lake rows (``columns``: each of ``_READ_COLUMNS`` as a list, as ``_columns`` gives
+    them) back as nirs4all's ``load_batch`` gives them, one dict per row, field by field rather
+    than row by row (a column no row holds costs one check). Metadata texts repeated between rows
+    (a fold's samples) are decoded once and copied for the later rows (``_meta``)."""
+    if decode_target_array is None:
+        from nirs4all.data._predictions.target_codec import decode_target_array
+    n = len(columns["prediction_id"])
+    none = [None] * n
+    fields: dict[str, list] = {
+        field: _targets(field, columns[field], columns[f"{field}_shape"], columns[f"{field}_labels"], decode_target_array)
+        for field in ("y_true", "y_pred")
+    }
+    proba = columns["y_proba"]
+    fields["y_proba"] = none if _all_none(proba) else [
+        None if p is None else _probabilities(p, shape) for p, shape in zip(proba, columns["y_proba_shape"])
+    ]
+    fields["weights"] = [None if w is None else np.asarray(w, dtype=np.float64) for w in columns["weights"]]
+    for field in ("X", "spectra"):
+        values = columns[field]
+        fields[field] = none if _all_none(values) else [_reshaped(v, shape) for v, shape in zip(values, columns[f"{field}_shape"])]
+    fields["sample_indices"] = [None if v is None else np.asarray(v, dtype=np.int32) for v in columns["sample_indices"]]
+    seen: dict[str, Any] = {}
+    for field in ("sample_metadata", "result_metadata"):
+        fields[field] = [_meta(text, seen) for text in columns[field]]
+    return [dict(zip(_ARRAY_KEYS, values)) for values in zip(*(fields[key] for key in _ARRAY_KEYS))]
 
 
 _READ_COLUMNS = (
@@ -182,20 +206,23 @@ def _flat_lists(array: pa.Array | pa.ChunkedArray, dtype: Any) -> list[np.ndarra
     for chunk in array.chunks if isinstance(array, pa.ChunkedArray) else [array]:
         if len(chunk) == 0:
             continue
-        offsets = chunk.offsets.to_numpy()
-        values = chunk.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+        offsets = chunk.offsets.to_numpy().tolist()
+        # One writable copy of the chunk's values, each row a view of its own span of it (a
+        # copy per row cost 2,000 small copies on a 500-prediction reload).
+        values = np.array(chunk.values.to_numpy(zero_copy_only=False), dtype=dtype)
+        spans = [values[offsets[i]:offsets[i + 1]] for i in range(len(chunk))]
         if chunk.null_count:
-            nulls = chunk.is_null().to_numpy(zero_copy_only=False)
-            out += [None if nulls[i] else values[offsets[i]:offsets[i + 1]].copy() for i in range(len(chunk))]
-        else:
-            out += [values[offsets[i]:offsets[i + 1]].copy() for i in range(len(chunk))]
+            nulls = chunk.is_null().to_numpy(zero_copy_only=False).tolist()
+            spans = [None if null else span for null, span in zip(nulls, spans)]
+        out += spans
     return out
 
 
-def _columns(frame: pl.DataFrame) -> dict[str, list]:
-    """The frame column by column (cheaper than a dict per row), flat numeric lists as numpy."""
+def _columns(frame: pl.DataFrame, names: tuple[str, ...]) -> dict[str, list]:
+    """The frame's ``names`` column by column (cheaper than a dict per row), flat numeric
+    lists as numpy."""
     columns: dict[str, list] = {}
-    for name in frame.columns:
+    for name in names:
         series = frame.get_column(name)
         dtype = _FLAT_COLUMNS.get(name)
         flat = dtype is not None and isinstance(series.dtype, pl.List) and series.dtype.inner.is_numeric()
@@ -234,8 +261,9 @@ class LakeArrayStore:
             return len(rows)
 
     def _frame(self, dataset_name: str | None) -> pl.DataFrame:
-        reads = self._store._reads
-        return reads.frame(S.PREDICTION_ARRAYS, dataset_name).collect()
+        """The current rows of the partition (every partition when None), as resolved and kept
+        by the reads: a frame for reading only (``load_dataset`` hands out a copy)."""
+        return self._store._reads.table(S.PREDICTION_ARRAYS, dataset_name)
 
     def load_batch(self, prediction_ids: list[str], dataset_name: str | None = None) -> dict[str, dict[str, Any]]:
         """``{prediction_id: arrays}`` of those found: one read of the dataset's partition
@@ -251,13 +279,10 @@ class LakeArrayStore:
         ids = set(prediction_ids)
         if not ids.issuperset(frame.get_column("prediction_id").to_list()):  # a reload asks for all
             frame = frame.filter(pl.col("prediction_id").is_in(list(ids)))
-        wanted = frame.select(_READ_COLUMNS)
-        columns = _columns(wanted)
-        rows = (dict(zip(_READ_COLUMNS, values)) for values in zip(*(columns[c] for c in _READ_COLUMNS)))
-        # The first decode of a text is handed out as is and copied for the later rows: every copy
-        # is made before this returns, so before nirs4all changes any of them.
-        seen: dict[str, Any] = {}
-        return {row["prediction_id"]: nirs4all_arrays(row, decode_target_array, seen) for row in rows}
+        columns = _columns(frame, _READ_COLUMNS)
+        # The first decode of a metadata text is handed out as is and copied for the later rows:
+        # every copy is made before this returns, so before nirs4all changes any of them.
+        return dict(zip(columns["prediction_id"], nirs4all_arrays(columns, decode_target_array)))
 
     def load_single(self, prediction_id: str, dataset_name: str | None = None) -> dict[str, Any] | None:
         return self.load_batch([prediction_id], dataset_name=dataset_name).get(prediction_id)
@@ -269,7 +294,7 @@ class LakeArrayStore:
             frame = self._frame(dataset_name)
         if frame.is_empty():
             raise FileNotFoundError(f"No arrays for dataset '{dataset_name}' in {self._store.workspace_path}")
-        return frame
+        return frame.clone()
 
     def delete_batch(self, prediction_ids: set[str], dataset_name: str | None = None) -> int:
         """Hide the arrays with their predictions (one deletion record each; nothing rewritten)."""
